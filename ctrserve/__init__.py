@@ -1,0 +1,1 @@
+"""ctrserve: CTR scoring for DLRM models with compressed embedding tables."""

@@ -1,0 +1,211 @@
+"""The ``ctrserve`` command. Subcommands import their modules lazily, so that commands which do
+not train (and the server) never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from ctrserve.models.generate import add_generate_arguments
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=required, help="training data file")
+    group.add_argument("--format", choices=("criteo", "avazu", "libfm", "csv", "parquet"),
+                       help="file format (default: from the extension; criteo for .tsv)")
+    group.add_argument("--spec", help="column spec JSON (csv and parquet)")
+    group.add_argument("--test-data", help="a separate test file (then --fractions has two parts)")
+    group.add_argument("--split", choices=("position", "random"), default="position",
+                       help="position: contiguous, train first (time-ordered data); "
+                            "random: seeded hash of the row number")
+    group.add_argument("--fractions", type=_floats,
+                       help="train,valid,test fractions (default 0.8,0.1,0.1; "
+                            "0.9,0.1 with --test-data)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--skip-malformed", action="store_true",
+                       help="count and skip malformed lines instead of stopping at the first")
+
+
+def data_config(args: argparse.Namespace):
+    from ctrserve.models.data import DataConfig
+
+    fmt = args.format or _format_from_path(args.data)
+    fractions = args.fractions or ((0.9, 0.1) if args.test_data else (0.8, 0.1, 0.1))
+    return DataConfig(
+        path=args.data, format=fmt, spec_path=args.spec, test_path=args.test_data,
+        split=args.split, fractions=fractions, seed=args.seed,
+        on_error="skip" if args.skip_malformed else "raise",
+    )
+
+
+def _format_from_path(path: str) -> str:
+    suffixes = {".tsv": "criteo", ".txt": "criteo", ".libfm": "libfm", ".libsvm": "libfm",
+                ".parquet": "parquet", ".csv": "csv"}
+    for suffix, fmt in suffixes.items():
+        if path.endswith(suffix):
+            return fmt
+    raise SystemExit(f"cannot tell the format of {path}: pass --format")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (flags override --config)")
+    group.add_argument("--config", help="model config JSON (kind, dim, bottom, top, embeddings "
+                                        "with a default scheme and per-table overrides)")
+    group.add_argument("--model", dest="kind", choices=("dlrm", "lr"))
+    group.add_argument("--dim", type=int)
+    group.add_argument("--bottom", type=_ints, help="bottom MLP hidden widths, e.g. 512,256,64")
+    group.add_argument("--top", type=_ints, help="top MLP hidden widths, e.g. 512,256")
+    group.add_argument("--scheme", choices=("full", "hash", "qr", "kpart"))
+    group.add_argument("--compression", type=float, help="hash: rows / buckets")
+    group.add_argument("--collisions", type=int, help="qr: ids sharing a remainder row")
+    group.add_argument("--partitions", type=int, help="kpart: number of partitions k")
+    group.add_argument("--operation", choices=("mult", "add", "concat"))
+    group.add_argument("--min-rows", type=int, help="tables with fewer rows stay full")
+
+
+def model_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from ctrserve.models.dlrm import ModelConfig
+
+    config = ModelConfig()
+    if args.config:
+        with open(args.config) as handle:
+            config = ModelConfig.from_dict(json.load(handle))
+    top_level = {k: getattr(args, k) for k in ("kind", "dim", "bottom", "top")}
+    config = replace(config, **{k: v for k, v in top_level.items() if v is not None})
+    scheme_flags = {k: getattr(args, k) for k in
+                    ("scheme", "compression", "collisions", "partitions", "operation", "min_rows")}
+    scheme_flags = {k: v for k, v in scheme_flags.items() if v is not None}
+    if scheme_flags:
+        embeddings = config.embeddings
+        config = replace(config, embeddings=replace(
+            embeddings, default=replace(embeddings.default, **scheme_flags)))
+    return config
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser, required=True)
+    add_model_arguments(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--out", required=True, help="checkpoint directory to write")
+    group.add_argument("--epochs", type=int, default=3)
+    group.add_argument("--batch-size", type=int, default=512)
+    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MLPs)")
+    group.add_argument("--embedding-lr", type=float, default=1e-2,
+                       help="SparseAdam learning rate (embedding tables)")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    group.add_argument("--cache-rows", type=int, default=2_000_000,
+                       help="keep training data up to this many rows in memory after epoch 1")
+    group.add_argument("--min-frequency", type=int, default=1,
+                       help="values seen fewer times map to the out-of-vocabulary id")
+    group.add_argument("--hash-buckets", type=int, default=0,
+                       help="hash categorical values into this many ids instead of a vocabulary")
+    group.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ctrserve.models.train import TrainConfig, fit
+    from ctrserve.models.transform import TransformConfig
+
+    from .report import print_metrics, print_tables
+
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        embedding_lr=args.embedding_lr, seed=args.seed, cache_rows=args.cache_rows,
+        device=args.device, progress=not args.no_progress,
+    )
+    transform_config = TransformConfig(
+        min_frequency=args.min_frequency, hash_buckets=args.hash_buckets, hash_seed=args.seed
+    )
+    result = fit(data_config(args), model_config(args), train_config, transform_config, args.out)
+    print_tables(result["tables"])
+    for part in ("valid", "test"):
+        if result["metrics"][part]:
+            print_metrics(f"{part} (best epoch {result['best_epoch']})", result["metrics"][part])
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory written by 'ctrserve train'")
+    parser.add_argument("--part", choices=("train", "valid", "test"), default="test")
+    parser.add_argument("--predictions", help="write one probability per line to this file")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_data_arguments(parser, required=False)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ctrserve.models.evaluate import evaluate
+
+    from .report import print_metrics
+
+    result = evaluate(
+        args.checkpoint, data_config(args) if args.data else None, args.part, args.predictions
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_metrics(f"{result['part']} ({result['rows']:,} rows)", result)
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="runs/demo", help="where data and checkpoint go")
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--epochs", type=int, default=2)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args.workdir, args.rows, args.epochs)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from ctrserve.models.generate import run_generate as run
+
+    return run(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
+    "demo": ("generate data, train the demo model and evaluate it",
+             add_demo_arguments, run_demo),
+    "generate": ("write synthetic CTR data", add_generate_arguments, run_generate),
+    "train": ("train a CTR model and write a checkpoint", add_train_arguments, run_train),
+    "evaluate": ("score a checkpoint on a data split: AUC, logloss, NE, calibration",
+                 add_evaluate_arguments, run_evaluate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrserve",
+        description="Train, export and serve CTR models with compressed embedding tables.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ctrserve {args.command}: error: {error}", file=sys.stderr)
+        return 1

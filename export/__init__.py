@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX model package (not built yet)."""

@@ -1,0 +1,1 @@
+"""Load tests and the serving benchmark driver (not built yet)."""

@@ -1,0 +1,1 @@
+"""Training side: data, feature transform, embedding schemes, DLRM, training, evaluation."""

@@ -1,0 +1,277 @@
+"""Training and offline evaluation of CTR models, streaming the data from disk."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import metrics
+from .checkpoint import save_checkpoint
+from .data import DataConfig
+from .dlrm import CTRModel, ModelConfig, build_model
+from .transform import FeatureTransform, TransformConfig, TransformedBatch, fit_transform
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 512
+    lr: float = 1e-3
+    embedding_lr: float = 1e-2
+    seed: int = 0
+    #: Rows read and transformed at a time.
+    chunk_rows: int = 65536
+    #: Training data up to this many rows is kept in memory after the first epoch and shuffled
+    #: as a whole; larger data is streamed again each epoch, shuffled within each chunk.
+    cache_rows: int = 2_000_000
+    device: str = "auto"
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Produces ``items`` in a background thread (reading and transforming overlap training)."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                buffer.put(item)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            buffer.put(error)
+            return
+        buffer.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while True:
+        item = buffer.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def transformed(data: DataConfig, part: str, transform: FeatureTransform,
+                chunk_rows: int) -> Iterator[TransformedBatch]:
+    for raw in data.batches(part, batch_rows=chunk_rows):
+        if len(raw):
+            yield transform.transform(raw)
+
+
+def concatenate(chunks: list[TransformedBatch]) -> TransformedBatch:
+    return TransformedBatch(
+        dense=np.concatenate([c.dense for c in chunks]),
+        sparse=np.concatenate([c.sparse for c in chunks]),
+        labels=np.concatenate([c.labels for c in chunks]),
+    )
+
+
+def optimizers(model: CTRModel, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """SparseAdam for embedding weights with sparse gradients, Adam for everything else."""
+    sparse_ids = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, nn.Embedding) and module.sparse
+    }
+    sparse = [p for p in model.parameters() if id(p) in sparse_ids]
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    result: list[torch.optim.Optimizer] = []
+    if sparse:
+        result.append(torch.optim.SparseAdam(sparse, lr=config.embedding_lr))
+    if dense:
+        result.append(torch.optim.Adam(dense, lr=config.lr))
+    return result
+
+
+@torch.no_grad()
+def predict(model: CTRModel, batches: Iterable[TransformedBatch], device: torch.device,
+            batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predicted probabilities over all ``batches``."""
+    model.eval()
+    labels, probabilities = [], []
+    for chunk in batches:
+        for start in range(0, len(chunk), batch_size):
+            dense = torch.from_numpy(chunk.dense[start:start + batch_size]).to(device)
+            sparse = torch.from_numpy(chunk.sparse[start:start + batch_size]).to(device)
+            probabilities.append(torch.sigmoid(model(dense, sparse)).cpu().numpy())
+        if chunk.labels is not None:
+            labels.append(chunk.labels)
+    empty = np.zeros(0, dtype=np.float32)
+    return (
+        np.concatenate(labels) if labels else empty,
+        np.concatenate(probabilities) if probabilities else empty,
+    )
+
+
+class Trainer:
+    def __init__(self, model: CTRModel, config: TrainConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device)
+        self.optimizers = optimizers(model, config)
+        self.loss = nn.BCEWithLogitsLoss()
+        self.rng = np.random.default_rng(config.seed)
+
+    def step(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> float:
+        self.model.train()
+        logits = self.model(
+            torch.from_numpy(dense).to(self.device), torch.from_numpy(sparse).to(self.device)
+        )
+        loss = self.loss(logits, torch.from_numpy(labels).to(self.device))
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return float(loss.detach())
+
+    def epoch(self, chunks: Iterable[TransformedBatch], bar: tqdm) -> tuple[int, float]:
+        """One pass, shuffled within each chunk; returns rows seen and mean loss."""
+        rows, loss_sum, running = 0, 0.0, None
+        size = self.config.batch_size
+        for chunk in chunks:
+            order = self.rng.permutation(len(chunk))
+            for start in range(0, len(order), size):
+                index = order[start:start + size]
+                loss = self.step(chunk.dense[index], chunk.sparse[index], chunk.labels[index])
+                rows += len(index)
+                loss_sum += loss * len(index)
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                bar.update(len(index))
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        return rows, loss_sum / max(rows, 1)
+
+
+class ChunkCache:
+    """Keeps the chunks of the first epoch while they total at most ``limit`` rows."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[TransformedBatch] = []
+        self.rows = 0
+        self.overflowed = False
+
+    def record(self, chunks: Iterable[TransformedBatch]) -> Iterator[TransformedBatch]:
+        for chunk in chunks:
+            if not self.overflowed:
+                self.rows += len(chunk)
+                self.overflowed = self.rows > self.limit
+                if self.overflowed:
+                    self.chunks.clear()
+                else:
+                    self.chunks.append(chunk)
+            yield chunk
+
+    def replay(self) -> list[TransformedBatch]:
+        """The whole cached data as one chunk, so an epoch shuffles across all of it."""
+        return [concatenate(self.chunks)] if self.chunks else []
+
+
+def fit(
+    data: DataConfig,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    transform_config: TransformConfig,
+    out_dir: str,
+) -> dict:
+    """Fits the transform, trains, validates each epoch, tests, and writes a checkpoint.
+
+    The weights of the epoch with the best validation AUC are kept. Returns the record written
+    to the checkpoint's ``config.json``, plus the per-table summaries.
+    """
+    torch.manual_seed(train_config.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    spec = data.spec()
+    transform = fit_transform(
+        spec, data.batches("train", batch_rows=train_config.chunk_rows), transform_config
+    )
+    model = build_model(
+        transform.n_dense, transform.table_sizes, list(spec.categorical_names), model_config
+    )
+    trainer = Trainer(model, train_config)
+    cache = ChunkCache(train_config.cache_rows)
+    history: list[dict] = []
+    best: dict | None = None
+    best_state = None
+    train_rows = None
+    for epoch in range(1, train_config.epochs + 1):
+        if epoch == 1:
+            chunks = cache.record(
+                prefetch(transformed(data, "train", transform, train_config.chunk_rows))
+            )
+        elif not cache.overflowed:
+            chunks = cache.replay()
+        else:
+            chunks = prefetch(transformed(data, "train", transform, train_config.chunk_rows))
+        bar = tqdm(total=train_rows, unit="rows", unit_scale=True, desc=f"epoch {epoch}",
+                   disable=not train_config.progress, dynamic_ncols=True)
+        epoch_started = time.perf_counter()
+        with bar:
+            train_rows, mean_loss = trainer.epoch(chunks, bar)
+        seconds = time.perf_counter() - epoch_started
+        record = {"epoch": epoch, "rows": train_rows, "train_loss": mean_loss, "seconds": seconds,
+                  "rows_per_second": train_rows / max(seconds, 1e-9)}
+        labels, probabilities = predict(
+            trainer.model, transformed(data, "valid", transform, train_config.chunk_rows),
+            trainer.device,
+        )
+        if len(labels):
+            record["valid"] = metrics.summary(labels, probabilities)
+            if best is None or record["valid"]["auc"] > best["valid"]["auc"]:
+                best = record
+                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        history.append(record)
+        if train_config.progress:
+            print(_epoch_line(record), flush=True)
+    if best_state is not None:
+        trainer.model.load_state_dict(best_state)
+    trainer.model.to("cpu")
+    labels, probabilities = predict(
+        trainer.model, transformed(data, "test", transform, train_config.chunk_rows),
+        torch.device("cpu"),
+    )
+    result = {
+        "data": data.to_dict(),
+        "train": train_config.to_dict(),
+        "transform_config": asdict(transform_config),
+        "history": history,
+        "best_epoch": best["epoch"] if best else len(history),
+        "metrics": {
+            "valid": best["valid"] if best else None,
+            "test": metrics.summary(labels, probabilities) if len(labels) else None,
+        },
+        "train_seconds": sum(record["seconds"] for record in history),
+        "total_seconds": time.perf_counter() - started,
+    }
+    save_checkpoint(out_dir, trainer.model, transform, result)
+    return {**result, "tables": trainer.model.table_summaries()}
+
+
+def _epoch_line(record: dict) -> str:
+    line = (f"epoch {record['epoch']}: {record['rows']:,} rows, loss {record['train_loss']:.4f}, "
+            f"{record['rows_per_second']:,.0f} rows/s")
+    if "valid" in record:
+        valid = record["valid"]
+        line += f", valid AUC {valid['auc']:.4f} logloss {valid['logloss']:.4f}"
+    return line

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up the environment, checks style and runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests" >&2
+fi
+exit "$status"

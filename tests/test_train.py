@@ -1,0 +1,133 @@
+"""Training and evaluation end to end, on generated and (where present) real data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctrserve.models.checkpoint import load_checkpoint
+from ctrserve.models.data import DataConfig
+from ctrserve.models.dlrm import ModelConfig
+from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+from ctrserve.models.evaluate import evaluate
+from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
+from ctrserve.models.train import TrainConfig, fit
+from ctrserve.models.transform import TransformConfig
+
+SMALL = ModelConfig(dim=8, bottom=(32,), top=(32,))
+QUICK = TrainConfig(epochs=1, batch_size=512, progress=False)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[DataConfig, dict]:
+    out = tmp_path_factory.mktemp("generated")
+    config = CriteoLikeConfig(n_rows=20_000, cardinalities=(50, 400, 3000, 7, 20_000), seed=1)
+    record = write_criteo_like(config, out, progress=False)
+    data = DataConfig(path=str(out / "data.parquet"), format="parquet",
+                      spec_path=str(out / "spec.json"), split="random")
+    return data, record
+
+
+def test_checkpoint_evaluates_to_the_metrics_training_reported(generated, tmp_path):
+    data, _ = generated
+    result = fit(data, SMALL, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
+    predictions = tmp_path / "p.txt"
+    again = evaluate(tmp_path / "ckpt", part="test", predictions_path=predictions)
+    assert again["auc"] == pytest.approx(result["metrics"]["test"]["auc"], abs=1e-9)
+    assert again["logloss"] == pytest.approx(result["metrics"]["test"]["logloss"], abs=1e-7)
+    rows = result["metrics"]["test"]["rows"]
+    assert len(predictions.read_text().split()) == again["rows"] == rows
+    # The weights file holds tensors only: it loads with weights_only=True.
+    state = torch.load(tmp_path / "ckpt" / "weights.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"config.json", "transform",
+                                                                "weights.pt"}
+
+
+def test_mixed_schemes_follow_the_size_threshold(generated, tmp_path):
+    data, _ = generated
+    config = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
+        default=SchemeConfig("qr", collisions=4, min_rows=1000),
+        tables={"C5": SchemeConfig("hash", compression=8)},
+    ))
+    result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
+    schemes = {t["table"]: t["scheme"] for t in result["tables"]}
+    assert schemes == {"C1": "full", "C2": "full", "C3": "qr", "C4": "full", "C5": "hash"}
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert [t["scheme"] for t in loaded.model.table_summaries()] == list(schemes.values())
+
+
+def test_training_approaches_the_oracle_on_generated_data(tmp_path):
+    # Main effects only: the pairwise interactions need many more epochs than a test can spend
+    # (README reports the longer run with them).
+    config = CriteoLikeConfig(n_rows=200_000, cardinalities=(3, 10, 30, 100, 300), seed=2,
+                              interaction_effect=0.0)
+    record = write_criteo_like(config, tmp_path / "data", progress=False)
+    data = DataConfig(path=str(tmp_path / "data" / "data.parquet"), format="parquet",
+                      spec_path=str(tmp_path / "data" / "spec.json"), split="random")
+    result = fit(data, SMALL, TrainConfig(epochs=2, batch_size=1024, progress=False),
+                 TransformConfig(), str(tmp_path / "ckpt"))
+    assert result["metrics"]["test"]["auc"] > record["oracle_auc"] - 0.02
+
+
+def frappe(shared_data: Path) -> DataConfig:
+    return DataConfig(path=str(shared_data / "frappe" / "frappe.validation.libfm"),
+                      format="libfm", test_path=str(shared_data / "frappe" / "frappe.test.libfm"),
+                      split="random", fractions=(0.9, 0.1))
+
+
+@pytest.mark.slow
+def test_dlrm_beats_logistic_regression_on_frappe(shared_data, tmp_path):
+    data = frappe(shared_data)
+    dlrm = fit(data, ModelConfig(dim=16, top=(256, 128)),
+               TrainConfig(epochs=6, embedding_lr=0.05, progress=False), TransformConfig(),
+               str(tmp_path / "dlrm"))
+    lr = fit(data, ModelConfig(kind="lr"), TrainConfig(epochs=6, embedding_lr=0.05, lr=0.01,
+                                                       progress=False),
+             TransformConfig(), str(tmp_path / "lr"))
+    assert dlrm["metrics"]["test"]["auc"] > lr["metrics"]["test"]["auc"] + 0.005
+    assert dlrm["metrics"]["test"]["auc"] > 0.93
+
+
+def test_cli_trains_and_evaluates(generated, tmp_path):
+    data, _ = generated
+    command = [sys.executable, "-m", "ctrserve", "train", "--data", data.path, "--spec",
+               data.spec_path, "--split", "random", "--out", str(tmp_path / "ckpt"),
+               "--dim", "8", "--bottom", "16", "--top", "16", "--scheme", "qr",
+               "--collisions", "4", "--epochs", "1", "--no-progress"]
+    trained = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "qr" in trained.stdout and "test (best epoch 1): AUC" in trained.stdout
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "ctrserve", "evaluate", str(tmp_path / "ckpt"), "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    metrics = json.loads(evaluated.stdout)
+    recorded = json.loads((tmp_path / "ckpt" / "config.json").read_text())["metrics"]["test"]
+    assert metrics["auc"] == pytest.approx(recorded["auc"], abs=1e-9)
+
+
+def test_cli_reports_a_malformed_line_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    good = "0\t" + "\t".join(["1"] * 13) + "\t" + "\t".join(["68fd1e64"] * 26)
+    bad.write_text(good + "\n" + good + "\n" + "1\tnot-a-number\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "ctrserve", "train", "--data", str(bad), "--out",
+         str(tmp_path / "ckpt"), "--epochs", "1", "--no-progress"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 1
+    assert f"{bad}, line 3" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_predictions_are_probabilities(generated, tmp_path):
+    data, _ = generated
+    fit(data, SMALL, QUICK, TransformConfig(hash_buckets=1000), str(tmp_path / "ckpt"))
+    out = tmp_path / "p.txt"
+    evaluate(tmp_path / "ckpt", part="valid", predictions_path=out)
+    values = np.loadtxt(out)
+    assert ((values > 0) & (values < 1)).all()
