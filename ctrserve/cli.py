@@ -66,12 +66,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dim", type=int)
     group.add_argument("--bottom", type=_ints, help="bottom MLP hidden widths, e.g. 512,256,64")
     group.add_argument("--top", type=_ints, help="top MLP hidden widths, e.g. 512,256")
-    group.add_argument("--scheme", choices=("full", "hash", "qr", "kpart"))
-    group.add_argument("--compression", type=float, help="hash: rows / buckets")
+    group.add_argument("--scheme",
+                       choices=("full", "hash", "qr", "kpart", "int8", "fp16", "lma", "robe"))
+    group.add_argument("--compression", type=float,
+                       help="hash: rows / buckets; lma, robe: full bytes / stored bytes")
     group.add_argument("--collisions", type=int, help="qr: ids sharing a remainder row")
     group.add_argument("--partitions", type=int, help="kpart: number of partitions k")
     group.add_argument("--operation", choices=("mult", "add", "concat"))
     group.add_argument("--min-rows", type=int, help="tables with fewer rows stay full")
+    group.add_argument("--minhashes", type=int, help="lma: minhashes per value")
+    group.add_argument("--sample-rows", type=int,
+                       help="lma: training rows whose co-occurrence sets give the signatures")
+    group.add_argument("--block", type=int, help="robe: Z, coordinates per hashed block")
 
 
 def model_config(args: argparse.Namespace):
@@ -86,7 +92,8 @@ def model_config(args: argparse.Namespace):
     top_level = {k: getattr(args, k) for k in ("kind", "dim", "bottom", "top")}
     config = replace(config, **{k: v for k, v in top_level.items() if v is not None})
     scheme_flags = {k: getattr(args, k) for k in
-                    ("scheme", "compression", "collisions", "partitions", "operation", "min_rows")}
+                    ("scheme", "compression", "collisions", "partitions", "operation", "min_rows",
+                     "minhashes", "sample_rows", "block")}
     scheme_flags = {k: v for k, v in scheme_flags.items() if v is not None}
     if scheme_flags:
         embeddings = config.embeddings

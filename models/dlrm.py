@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 
+import numpy as np
 import torch
 from torch import nn
 
-from .embeddings import EmbeddingConfig, EmbeddingTable, build_table
+from .embeddings import EmbeddingConfig, build_tables
 
 MODEL_KINDS = ("dlrm", "lr")
 
@@ -63,15 +64,15 @@ class CTRModel(nn.Module):
     """Shared shape of both model kinds: dense [N, n_dense] and ids [N, n_tables] -> logits [N]."""
 
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
-                 config: ModelConfig) -> None:
+                 config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.n_dense = n_dense
         self.table_names = list(table_names)
         self.config = config
         width = config.dim if config.kind == "dlrm" else 1
         self.tables = nn.ModuleList(
-            build_table(config.embeddings.for_table(name), size, width)
-            for name, size in zip(table_names, table_sizes, strict=True)
+            build_tables(self.table_names, list(table_sizes), width, config.embeddings,
+                         signatures)
         )
 
     def embed(self, sparse: torch.Tensor) -> list[torch.Tensor]:
@@ -90,14 +91,11 @@ class CTRModel(nn.Module):
             for name, table in zip(self.table_names, self.tables, strict=True)
         ]
 
-    def embedding_tables(self) -> list[EmbeddingTable]:
-        return list(self.tables)
-
 
 class DLRM(CTRModel):
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
-                 config: ModelConfig) -> None:
-        super().__init__(n_dense, table_sizes, table_names, config)
+                 config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__(n_dense, table_sizes, table_names, config, signatures)
         dim = config.dim
         if n_dense:
             self.bottom = mlp([n_dense, *config.bottom, dim], final_activation=True)
@@ -123,8 +121,8 @@ class LogisticRegression(CTRModel):
     """One weight per categorical value (a width-1 table per column), one per dense column."""
 
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
-                 config: ModelConfig) -> None:
-        super().__init__(n_dense, table_sizes, table_names, config)
+                 config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__(n_dense, table_sizes, table_names, config, signatures)
         self.dense_weights = nn.Linear(n_dense, 1) if n_dense else None
         self.bias = nn.Parameter(torch.zeros(1))
 
@@ -137,6 +135,7 @@ class LogisticRegression(CTRModel):
 
 
 def build_model(n_dense: int, table_sizes: list[int], table_names: list[str],
-                config: ModelConfig) -> CTRModel:
+                config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> CTRModel:
+    """``signatures``: LMA minhash signatures by column name (see ``build_tables``)."""
     model_class = DLRM if config.kind == "dlrm" else LogisticRegression
-    return model_class(n_dense, table_sizes, table_names, config)
+    return model_class(n_dense, table_sizes, table_names, config, signatures)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from . import metrics
 from .checkpoint import save_checkpoint
 from .data import DataConfig
 from .dlrm import CTRModel, ModelConfig, build_model
+from .embeddings import effective_scheme
+from .embeddings.lma import minhash_signatures
+from .embeddings.quantized import quantize_model
 from .transform import FeatureTransform, TransformConfig, TransformedBatch, fit_transform
 
 
@@ -162,6 +166,24 @@ class Trainer:
         return rows, loss_sum / max(rows, 1)
 
 
+def lma_signatures(data: DataConfig, transform: FeatureTransform, config: ModelConfig,
+                   chunk_rows: int) -> dict[str, np.ndarray] | None:
+    """Minhash signatures for the model's LMA tables, from the first training rows."""
+    names = list(transform.spec.categorical_names)
+    sizes = transform.table_sizes
+    schemes = [config.embeddings.for_table(name) for name in names]
+    columns = [i for i, (scheme, size) in enumerate(zip(schemes, sizes, strict=True))
+               if effective_scheme(scheme, size) == "lma"]
+    if not columns:
+        return None
+    first = schemes[columns[0]]
+    signatures = minhash_signatures(
+        (chunk.sparse for chunk in transformed(data, "train", transform, chunk_rows)),
+        sizes, first.minhashes, first.sample_rows, first.seed, columns=columns,
+    )
+    return {names[column]: values for column, values in signatures.items()}
+
+
 class ChunkCache:
     """Keeps the chunks of the first epoch while they total at most ``limit`` rows."""
 
@@ -206,8 +228,12 @@ def fit(
     transform = fit_transform(
         spec, data.batches("train", batch_rows=train_config.chunk_rows), transform_config
     )
+    # Tables quantized after training are trained as full fp32 tables.
+    training_config = replace(model_config, embeddings=model_config.embeddings.for_training())
+    names = list(spec.categorical_names)
     model = build_model(
-        transform.n_dense, transform.table_sizes, list(spec.categorical_names), model_config
+        transform.n_dense, transform.table_sizes, names, training_config,
+        lma_signatures(data, transform, training_config, train_config.chunk_rows),
     )
     trainer = Trainer(model, train_config)
     cache = ChunkCache(train_config.cache_rows)
@@ -240,13 +266,16 @@ def fit(
             record["valid"] = metrics.summary(labels, probabilities)
             if best is None or record["valid"]["auc"] > best["valid"]["auc"]:
                 best = record
-                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+                # deepcopy keeps tensors shared between tables (a shared memory) shared.
+                best_state = copy.deepcopy(trainer.model.state_dict())
         history.append(record)
         if train_config.progress:
             print(_epoch_line(record), flush=True)
     if best_state is not None:
         trainer.model.load_state_dict(best_state)
     trainer.model.to("cpu")
+    quantize_model(trainer.model, model_config.embeddings)
+    trainer.model.config = model_config
     labels, probabilities = predict(
         trainer.model, transformed(data, "test", transform, train_config.chunk_rows),
         torch.device("cpu"),

@@ -131,3 +131,33 @@ def test_predictions_are_probabilities(generated, tmp_path):
     evaluate(tmp_path / "ckpt", part="valid", predictions_path=out)
     values = np.loadtxt(out)
     assert ((values > 0) & (values < 1)).all()
+
+
+def test_int8_tables_are_trained_full_then_quantized(generated, tmp_path):
+    data, _ = generated
+    config = ModelConfig(dim=16, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
+        default=SchemeConfig("int8", min_rows=1000)))
+    result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
+    schemes = {t["table"]: t["scheme"] for t in result["tables"]}
+    assert schemes == {"C1": "full", "C2": "full", "C3": "int8", "C4": "full", "C5": "int8"}
+    ratios = [t["ratio"] for t in result["tables"] if t["scheme"] == "int8"]
+    assert ratios == [pytest.approx(64 / 24)] * 2
+    again = evaluate(tmp_path / "ckpt", part="test")
+    assert again["auc"] == pytest.approx(result["metrics"]["test"]["auc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("scheme", ["lma", "robe"])
+def test_shared_memory_schemes_train_and_reload(generated, tmp_path, scheme):
+    data, _ = generated
+    config = ModelConfig(dim=16, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
+        default=SchemeConfig(scheme, compression=8, min_rows=1000, sample_rows=5000)))
+    result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
+    shared = [t for t in result["tables"] if t["scheme"] == scheme]
+    assert [t["table"] for t in shared] == ["C3", "C5"]
+    stored = sum(t["bytes"] for t in shared)
+    full = sum(t["full_bytes"] for t in shared)
+    assert full / 8 - 16 <= stored <= full / 8
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.model.table_summaries() == result["tables"]
+    again = evaluate(tmp_path / "ckpt", part="test")
+    assert again["auc"] == pytest.approx(result["metrics"]["test"]["auc"], abs=1e-9)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+
 from .base import EmbeddingTable
 from .compositional import (
     CompositionalTable,
@@ -13,8 +15,15 @@ from .compositional import (
 )
 from .full import FullTable
 from .hashing import HashedTable
+from .lma import LMATable, fallback_signatures, lma_memory_size
+from .quantized import KINDS as QUANTIZED_KINDS
+from .quantized import QuantizedTable
+from .robe import RobeTable, robe_memory_size
+from .shared_memory import SharedMemory
 
-SCHEMES: tuple[str, ...] = ("full", "hash", "qr", "kpart")
+#: Schemes whose tables share one memory array per model.
+SHARED_SCHEMES: tuple[str, ...] = ("lma", "robe")
+SCHEMES: tuple[str, ...] = ("full", "hash", "qr", "kpart", *QUANTIZED_KINDS, *SHARED_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -25,8 +34,15 @@ class SchemeConfig:
     - ``hash``: ``id mod ceil(rows / compression)``.
     - ``qr``: quotient-remainder, ``collisions`` ids per quotient row, combined by ``operation``.
     - ``kpart``: ``partitions`` complementary mixed-radix partitions of nearly equal size.
+    - ``int8`` / ``fp16``: trained as a full fp32 table, quantized row-wise after training.
+    - ``lma``: all LMA tables share one memory array ``compression`` times smaller than their
+      full tables (signatures included); ``minhashes`` minhashes per value over the co-occurrence
+      sets of the first ``sample_rows`` training rows.
+    - ``robe``: ROBE-Z, all ROBE tables share one memory array ``compression`` times smaller than
+      their full tables; blocks of ``block`` (Z) consecutive coordinates.
 
-    Tables with fewer than ``min_rows`` rows stay full whatever the scheme.
+    Tables with fewer than ``min_rows`` rows stay full whatever the scheme. ``seed`` seeds the
+    hashes of the shared-memory schemes.
     """
 
     scheme: str = "full"
@@ -35,6 +51,10 @@ class SchemeConfig:
     collisions: int = 4
     partitions: int = 3
     operation: str = "mult"
+    minhashes: int = 1
+    sample_rows: int = 100_000
+    block: int = 4
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -42,6 +62,10 @@ class SchemeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def quantized_after_training(self) -> bool:
+        return self.scheme in QUANTIZED_KINDS
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,16 @@ class EmbeddingConfig:
             "tables": {name: c.to_dict() for name, c in self.tables.items()},
         }
 
+    def for_training(self) -> EmbeddingConfig:
+        """The same configuration with tables to be quantized after training trained full."""
+        def train_as(config: SchemeConfig) -> SchemeConfig:
+            return replace(config, scheme="full") if config.quantized_after_training else config
+
+        return EmbeddingConfig(
+            default=train_as(self.default),
+            tables={name: train_as(c) for name, c in self.tables.items()},
+        )
+
     @classmethod
     def from_dict(cls, data: dict) -> EmbeddingConfig:
         default = SchemeConfig(**data.get("default", {}))
@@ -69,16 +103,74 @@ class EmbeddingConfig:
         return cls(default=default, tables=tables)
 
 
+def effective_scheme(config: SchemeConfig, num_embeddings: int) -> str:
+    """The scheme a table of this size gets: small tables stay full."""
+    return "full" if num_embeddings < config.min_rows else config.scheme
+
+
 def build_table(config: SchemeConfig, num_embeddings: int, dim: int) -> EmbeddingTable:
-    if config.scheme == "full" or num_embeddings < config.min_rows:
+    """A table of a scheme that needs nothing beyond its own settings (not lma or robe)."""
+    if effective_scheme(config, num_embeddings) == "full":
         return FullTable(num_embeddings, dim)
+    if config.quantized_after_training:
+        return QuantizedTable(num_embeddings, dim, config.scheme)
     if config.scheme == "hash":
         return HashedTable(num_embeddings, dim, math.ceil(num_embeddings / config.compression))
     if config.scheme == "qr":
         radices = quotient_remainder_radices(num_embeddings, config.collisions)
-    else:
+    elif config.scheme == "kpart":
         radices = balanced_radices(num_embeddings, config.partitions)
+    else:
+        raise ValueError(f"{config.scheme} tables share a memory: build them with build_tables")
     return CompositionalTable(num_embeddings, dim, radices, config.operation)
+
+
+def _shared_memory(scheme: str, group: list[SchemeConfig], sizes: list[int],
+                   dim: int) -> SharedMemory:
+    """One memory for every table of ``scheme``; its settings must agree across the group."""
+    first = group[0]
+    if any((c.compression, c.minhashes, c.block, c.seed) !=
+           (first.compression, first.minhashes, first.block, first.seed) for c in group):
+        raise ValueError(f"all {scheme} tables share one memory: give them the same compression, "
+                         "minhashes, block and seed")
+    if scheme == "lma":
+        size = lma_memory_size(sizes, dim, first.minhashes, first.compression)
+    else:
+        size = robe_memory_size(sizes, dim, first.block, first.compression)
+    return SharedMemory(size, first.seed)
+
+
+def build_tables(names: list[str], sizes: list[int], dim: int, config: EmbeddingConfig,
+                 signatures: dict[str, np.ndarray] | None = None) -> list[EmbeddingTable]:
+    """Every table of a model, in column order.
+
+    LMA tables need their minhash signatures (``lma.minhash_signatures``, by column name); where
+    none are given (rebuilding a checkpoint, whose state dict holds them) placeholders of the
+    right shape stand in.
+    """
+    configs = [config.for_table(name) for name in names]
+    schemes = [effective_scheme(c, n) for c, n in zip(configs, sizes, strict=True)]
+    memories = {}
+    for scheme in SHARED_SCHEMES:
+        members = [i for i, s in enumerate(schemes) if s == scheme]
+        if members:
+            memories[scheme] = _shared_memory(
+                scheme, [configs[i] for i in members], [sizes[i] for i in members], dim
+            )
+    tables: list[EmbeddingTable] = []
+    for column, (name, size, scheme_config, scheme) in enumerate(
+            zip(names, sizes, configs, schemes, strict=True)):
+        if scheme == "lma":
+            table_signatures = (signatures or {}).get(name)
+            if table_signatures is None:
+                table_signatures = fallback_signatures(
+                    column, np.arange(size), scheme_config.minhashes, scheme_config.seed)
+            tables.append(LMATable(size, dim, memories["lma"], table_signatures))
+        elif scheme == "robe":
+            tables.append(RobeTable(size, dim, memories["robe"], scheme_config.block))
+        else:
+            tables.append(build_table(scheme_config, size, dim))
+    return tables
 
 
 __all__ = [
@@ -88,6 +180,11 @@ __all__ = [
     "EmbeddingTable",
     "FullTable",
     "HashedTable",
+    "LMATable",
+    "QuantizedTable",
+    "RobeTable",
     "SchemeConfig",
     "build_table",
+    "build_tables",
+    "effective_scheme",
 ]
