@@ -67,7 +67,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bottom", type=_ints, help="bottom MLP hidden widths, e.g. 512,256,64")
     group.add_argument("--top", type=_ints, help="top MLP hidden widths, e.g. 512,256")
     group.add_argument("--scheme",
-                       choices=("full", "hash", "qr", "kpart", "int8", "fp16", "lma", "robe"))
+                       choices=("full", "hash", "qr", "kpart", "pep", "int8", "fp16", "lma",
+                                "robe"))
     group.add_argument("--compression", type=float,
                        help="hash: rows / buckets; lma, robe: full bytes / stored bytes")
     group.add_argument("--collisions", type=int, help="qr: ids sharing a remainder row")
@@ -78,6 +79,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample-rows", type=int,
                        help="lma: training rows whose co-occurrence sets give the signatures")
     group.add_argument("--block", type=int, help="robe: Z, coordinates per hashed block")
+    group.add_argument("--granularity", help="pep: threshold granularity (global, dimension, "
+                                             "feature, feature_dimension, field, "
+                                             "field_dimension)")
+    group.add_argument("--pep-keep", type=float,
+                       help="pep: fraction of the full tables' values the search keeps")
 
 
 def model_config(args: argparse.Namespace):
@@ -93,7 +99,7 @@ def model_config(args: argparse.Namespace):
     config = replace(config, **{k: v for k, v in top_level.items() if v is not None})
     scheme_flags = {k: getattr(args, k) for k in
                     ("scheme", "compression", "collisions", "partitions", "operation", "min_rows",
-                     "minhashes", "sample_rows", "block")}
+                     "minhashes", "sample_rows", "block", "granularity", "pep_keep")}
     scheme_flags = {k: v for k, v in scheme_flags.items() if v is not None}
     if scheme_flags:
         embeddings = config.embeddings

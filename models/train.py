@@ -184,6 +184,24 @@ def lma_signatures(data: DataConfig, transform: FeatureTransform, config: ModelC
     return {names[column]: values for column, values in signatures.items()}
 
 
+def search_pep_mask(model: CTRModel, data: DataConfig, transform: FeatureTransform,
+                    config: ModelConfig, train_config: TrainConfig) -> dict | None:
+    """PEP's search phase, when the model has PEP tables: prune until they keep the configured
+    fraction, then rewind the model to its initial weights with the mask fixed."""
+    from .pep import SearchConfig, pep_tables, rewind, search_mask  # pep.py imports this module
+
+    tables = pep_tables(model)
+    if not tables:
+        return None
+    first = config.embeddings.for_table(next(iter(tables)))
+    result = search_mask(
+        model, lambda: transformed(data, "train", transform, train_config.chunk_rows),
+        SearchConfig(target=first.pep_keep, drift=first.drift), train_config,
+    )
+    rewind(model, result)
+    return {"steps": result.steps, "nonzeros": result.nonzeros, "full": result.full}
+
+
 class ChunkCache:
     """Keeps the chunks of the first epoch while they total at most ``limit`` rows."""
 
@@ -235,6 +253,7 @@ def fit(
         transform.n_dense, transform.table_sizes, names, training_config,
         lma_signatures(data, transform, training_config, train_config.chunk_rows),
     )
+    pep_search = search_pep_mask(model, data, transform, training_config, train_config)
     trainer = Trainer(model, train_config)
     cache = ChunkCache(train_config.cache_rows)
     history: list[dict] = []
@@ -290,6 +309,7 @@ def fit(
             "valid": best["valid"] if best else None,
             "test": metrics.summary(labels, probabilities) if len(labels) else None,
         },
+        "pep_search": pep_search,
         "train_seconds": sum(record["seconds"] for record in history),
         "total_seconds": time.perf_counter() - started,
     }

@@ -161,3 +161,19 @@ def test_shared_memory_schemes_train_and_reload(generated, tmp_path, scheme):
     assert loaded.model.table_summaries() == result["tables"]
     again = evaluate(tmp_path / "ckpt", part="test")
     assert again["auc"] == pytest.approx(result["metrics"]["test"]["auc"], abs=1e-9)
+
+
+def test_pep_searches_a_mask_then_retrains_with_it(generated, tmp_path):
+    data, _ = generated
+    config = ModelConfig(dim=16, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
+        default=SchemeConfig("pep", pep_keep=0.3, drift=0.05)))
+    result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
+    search = result["pep_search"]
+    assert search["nonzeros"] <= 0.3 * search["full"] and search["steps"] > 0
+    kept = sum(t["parameters"] for t in result["tables"])
+    full = sum(t["rows"] * t["dim"] for t in result["tables"])
+    assert kept <= 0.3 * full  # retraining kept the mask
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.model.table_summaries() == result["tables"]
+    again = evaluate(tmp_path / "ckpt", part="test")
+    assert again["auc"] == pytest.approx(result["metrics"]["test"]["auc"], abs=1e-9)

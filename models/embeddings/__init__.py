@@ -16,6 +16,7 @@ from .compositional import (
 from .full import FullTable
 from .hashing import HashedTable
 from .lma import LMATable, fallback_signatures, lma_memory_size
+from .pep import DEFAULT_THRESHOLD_INIT, PEPTable
 from .quantized import KINDS as QUANTIZED_KINDS
 from .quantized import QuantizedTable
 from .robe import RobeTable, robe_memory_size
@@ -23,7 +24,9 @@ from .shared_memory import SharedMemory
 
 #: Schemes whose tables share one memory array per model.
 SHARED_SCHEMES: tuple[str, ...] = ("lma", "robe")
-SCHEMES: tuple[str, ...] = ("full", "hash", "qr", "kpart", *QUANTIZED_KINDS, *SHARED_SCHEMES)
+SCHEMES: tuple[str, ...] = (
+    "full", "hash", "qr", "kpart", "pep", *QUANTIZED_KINDS, *SHARED_SCHEMES
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class SchemeConfig:
     - ``qr``: quotient-remainder, ``collisions`` ids per quotient row, combined by ``operation``.
     - ``kpart``: ``partitions`` complementary mixed-radix partitions of nearly equal size.
     - ``int8`` / ``fp16``: trained as a full fp32 table, quantized row-wise after training.
+    - ``pep``: PEP pruning: soft thresholds at ``granularity`` learnt while a search raises
+      them until the PEP tables keep ``pep_keep`` of their values (``drift`` logits of pressure
+      per step, see ``embeddings/pep.py``); then the model restarts from its initial weights with
+      the found mask fixed.
     - ``lma``: all LMA tables share one memory array ``compression`` times smaller than their
       full tables (signatures included); ``minhashes`` minhashes per value over the co-occurrence
       sets of the first ``sample_rows`` training rows.
@@ -55,6 +62,10 @@ class SchemeConfig:
     sample_rows: int = 100_000
     block: int = 4
     seed: int = 0
+    granularity: str = "field_dimension"
+    threshold_init: float = DEFAULT_THRESHOLD_INIT
+    pep_keep: float = 0.1
+    drift: float = 0.01
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -114,6 +125,8 @@ def build_table(config: SchemeConfig, num_embeddings: int, dim: int) -> Embeddin
         return FullTable(num_embeddings, dim)
     if config.quantized_after_training:
         return QuantizedTable(num_embeddings, dim, config.scheme)
+    if config.scheme == "pep":
+        return PEPTable(num_embeddings, dim, config.granularity, config.threshold_init)
     if config.scheme == "hash":
         return HashedTable(num_embeddings, dim, math.ceil(num_embeddings / config.compression))
     if config.scheme == "qr":
@@ -181,6 +194,7 @@ __all__ = [
     "FullTable",
     "HashedTable",
     "LMATable",
+    "PEPTable",
     "QuantizedTable",
     "RobeTable",
     "SchemeConfig",
