@@ -186,11 +186,85 @@ def run_demo(args: argparse.Namespace) -> int:
     return run(args.workdir, args.rows, args.epochs)
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory written by 'ctrserve train'")
+    parser.add_argument("--repo", required=True, help="model repository directory")
+    parser.add_argument("--name", required=True, help="model name (a directory in the repo)")
+    parser.add_argument("--version", type=int,
+                        help="integer version (default: one above the highest present)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the version if it exists")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ctrserve.export.exporter import ExportError, export_checkpoint
+    from ctrserve.export.inspect import describe
+
+    try:
+        package = export_checkpoint(args.checkpoint, args.repo, args.name, args.version,
+                                    args.overwrite)
+    except ExportError as error:
+        print(f"ctrserve export: error: {error}", file=sys.stderr)
+        return 1
+    print(describe(package)[0])
+    return 0
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("package", help="package directory, e.g. repo/ctr/1")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from ctrserve.export.inspect import describe
+
+    report, intact = describe(args.package)
+    print(report, file=sys.stdout if intact else sys.stderr)
+    return 0 if intact else 1
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from ctrserve.models.generate import run_generate as run
 
     return run(args)
 
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="{accuracy}")
+    accuracy = benches.add_parser(
+        "accuracy", help="test AUC of every embedding scheme at byte budgets",
+        description="Train and test every embedding scheme at byte budgets (fractions of the "
+                    "full tables' bytes, everything counted at inference); write report.md, "
+                    "report.json and auc_vs_bytes.png, caching each cell in OUT/cells.")
+    add_data_arguments(accuracy, required=True)
+    group = accuracy.add_argument_group("benchmark")
+    group.add_argument("--out", required=True, help="report directory")
+    group.add_argument("--name", help="data set name in the report (default: OUT's name)")
+    group.add_argument("--budgets", default="1/2,1/4,1/8,1/16,1/64",
+                       help="fractions of the full tables' bytes")
+    group.add_argument("--schemes", help="comma-separated benchmark schemes (default: all)")
+    group.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="training seeds")
+    group.add_argument("--pep-keep", type=_floats, default=(),
+                       help="extra PEP cells keeping these fractions of the values")
+    group.add_argument("--drift", type=float, default=0.01, help="PEP search pressure per step")
+    group.add_argument("--jobs", type=int, default=1, help="cells trained at once (processes)")
+    group.add_argument("--rerun", action="append", default=[],
+                       metavar="SCHEME[:BUDGET[:SEED]]", help="train these cells again")
+    model = accuracy.add_argument_group("model and training (the same for every scheme)")
+    model.add_argument("--dim", type=int, default=16)
+    model.add_argument("--bottom", type=_ints, default=(512, 256, 64))
+    model.add_argument("--top", type=_ints, default=(512, 256))
+    model.add_argument("--epochs", type=int, default=3)
+    model.add_argument("--batch-size", type=int, default=512)
+    model.add_argument("--lr", type=float, default=1e-3)
+    model.add_argument("--embedding-lr", type=float, default=1e-2)
+    model.add_argument("--min-frequency", type=int, default=1)
+    model.add_argument("--device", default="auto")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ctrserve.models.bench_accuracy import main
+
+    return main(args, data_config(args))
 
 COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
     "demo": ("generate data, train the demo model and evaluate it",
@@ -199,6 +273,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "train": ("train a CTR model and write a checkpoint", add_train_arguments, run_train),
     "evaluate": ("score a checkpoint on a data split: AUC, logloss, NE, calibration",
                  add_evaluate_arguments, run_evaluate),
+    "export": ("turn a checkpoint into an ONNX model package in a model repository",
+               add_export_arguments, run_export),
+    "inspect": ("describe a model package and verify its files",
+                add_inspect_arguments, run_inspect),
+    "bench": ("benchmarks: accuracy against embedding memory", add_bench_arguments, run_bench),
 }
 
 

@@ -1,4 +1,5 @@
-"""The end-to-end demo on an embedded default: generate data, train the demo model, evaluate.
+"""The end-to-end demo on an embedded default: generate data, train the demo model, evaluate it,
+export it as a model package into ``<workdir>/repo`` and inspect the package.
 
 The demo model is fixed (README documents it): Criteo-shaped data with Criteo Kaggle's 26 table
 sizes scaled down 100x, D=16, bottom MLP 13-512-256-64-16, top MLP 512-256-1, quotient-remainder
@@ -40,6 +41,8 @@ def ensure_data(directory: Path, rows: int, seed: int = 0) -> dict:
 
 
 def run(workdir: str, rows: int, epochs: int) -> int:
+    from ctrserve.export.exporter import export_checkpoint
+    from ctrserve.export.inspect import describe
     from ctrserve.models.data import DataConfig
     from ctrserve.models.dlrm import ModelConfig
     from ctrserve.models.evaluate import evaluate
@@ -65,4 +68,9 @@ def run(workdir: str, rows: int, epochs: int) -> int:
     test = evaluate(checkpoint, part="test")
     print_metrics(f"test, 'ctrserve evaluate {checkpoint}'", test)
     print(f"oracle AUC on the generated data: {generated['oracle_auc']:.4f}")
-    return 0
+    package = export_checkpoint(checkpoint, root / "repo", "demo", overwrite=True,
+                                version=1)
+    report, intact = describe(package)
+    print(f"'ctrserve inspect {package}':")
+    print(report)
+    return 0 if intact else 1

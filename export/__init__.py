@@ -1,1 +1,1 @@
-"""Checkpoint -> ONNX model package (not built yet)."""
+"""Checkpoint -> ONNX model package: custom gather ops, the graph, parity, the package format."""

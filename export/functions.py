@@ -1,0 +1,242 @@
+"""The custom gather ops of domain ``ctrserve`` (opset 1), each with a model-local ONNX function.
+
+A compressed table is one node ``ctrserve::<Op>`` whose inputs are the ids (int64 [N]) and the
+table's stored tensors, and whose output is float32 [N, dim]. The node names a function
+``overload``: the body, written with standard ONNX ops only, that ONNX Runtime inlines, so its CPU
+and CUDA providers run the model without a native plug-in; a fused kernel can later replace the
+body without changing the graph. The bodies mirror the torch schemes in
+``ctrserve.models.embeddings`` operation for operation, in integer arithmetic for ids (``Div`` and
+``Mod`` on int64 are exact for every id below 2**63).
+
+| op               | overload            | inputs after ids                          |
+|------------------|---------------------|-------------------------------------------|
+| HashGather       | ``default``         | weight, buckets                           |
+| QRGather         | ``{operation}{k}``  | radices, weight0 .. weight{k-1}           |
+| PrunedGather     | ``packed``/``empty``| values, offsets, mask_bits, dim           |
+| QuantizedGather  | ``int8``            | codes, scale, offset                      |
+| QuantizedGather  | ``fp16``            | weight                                    |
+| LMAGather        | ``default``         | memory, signatures, coefficients          |
+| ROBEGather       | ``default``         | memory, coefficients, block               |
+
+Scalar constants inside the bodies (the prime, digit bases, axes) are code, not table data; every
+tensor a table stores is a graph initializer fed to its node and counted. Lengths of stored
+tensors are taken with ``Shape``, not ``Size``: with ``Size`` of a 13 MB shared memory, creating
+an ONNX Runtime session left 10 MB more resident (measured; its constant folding of ``Size``
+appears to copy the initializer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper, numpy_helper
+
+from ctrserve.models.embeddings.robe import DIGIT_BASE
+from ctrserve.models.embeddings.shared_memory import PRIME
+
+DOMAIN = "ctrserve"
+DOMAIN_VERSION = 1
+#: The standard opset the graph and every function body use.
+OPSET = 21
+
+
+class Body:
+    """Builds a function body: each ``op`` call appends a node and returns its output name."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[NodeProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, *inputs: str, output: str | None = None, **attributes) -> str:
+        self._count += 1
+        name = output or f"{self.prefix}{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attributes))
+        return name
+
+    def const(self, value: int | float | Sequence[int], dtype=np.int64) -> str:
+        return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+    def attribute_int(self, attribute: str) -> str:
+        """A scalar int64 tensor holding the node's attribute ``attribute``."""
+        self._count += 1
+        name = f"{self.prefix}{self._count}"
+        node = helper.make_node("Constant", [], [name])
+        node.attribute.append(AttributeProto(
+            name="value_int", ref_attr_name=attribute, type=AttributeProto.INT
+        ))
+        self.nodes.append(node)
+        return name
+
+
+def _function(op_type: str, overload: str, inputs: list[str], body: Body,
+              attributes: Sequence[str] = ()) -> FunctionProto:
+    function = helper.make_function(
+        DOMAIN, op_type, inputs, ["embedding"], body.nodes,
+        [helper.make_opsetid("", OPSET)], attributes=list(attributes),
+    )
+    function.overload = overload
+    return function
+
+
+def hash_gather() -> FunctionProto:
+    body = Body("h")
+    rows = body.op("Mod", "ids", "buckets")
+    body.op("Gather", "weight", rows, output="embedding", axis=0)
+    return _function("HashGather", "default", ["ids", "weight", "buckets"], body)
+
+
+def qr_gather(operation: str, partitions: int) -> FunctionProto:
+    """Mixed-radix digits of the id pick one row per part; parts are multiplied, added or
+    concatenated. ``radices`` holds the k radices, least significant first."""
+    body = Body("q")
+    weights = [f"weight{j}" for j in range(partitions)]
+    parts = []
+    place = None
+    for j, weight in enumerate(weights):
+        radix = body.op("Gather", "radices", body.const(j), axis=0)
+        quotient = "ids" if place is None else body.op("Div", "ids", place)
+        digit = body.op("Mod", quotient, radix)
+        parts.append(body.op("Gather", weight, digit, axis=0))
+        place = radix if place is None else body.op("Mul", place, radix)
+    if operation == "concat":
+        body.op("Concat", *parts, output="embedding", axis=-1)
+    else:
+        combine = "Mul" if operation == "mult" else "Add"
+        combined = parts[0]
+        for j, part in enumerate(parts[1:], start=1):
+            last = j == partitions - 1
+            combined = body.op(combine, combined, part, output="embedding" if last else None)
+    return _function("QRGather", f"{operation}{partitions}", ["ids", "radices", *weights], body,
+                     attributes=("operation", "partitions"))
+
+
+def pruned_gather() -> FunctionProto:
+    """PEP's packed rows: a row's kept values lie at ``values[offsets[id]:offsets[id + 1]]`` in
+    column order, and bit ``j % 8`` of byte ``j // 8`` of ``mask_bits[id]`` says whether column
+    ``j`` was kept; dropped columns are zero."""
+    body = Body("p")
+    bits = body.op("Gather", "mask_bits", "ids", axis=0)  # uint8 [N, B]
+    shifted = body.op("BitShift", body.op("Unsqueeze", bits, body.const([-1])),
+                      body.const(list(range(8)), np.uint8), direction="RIGHT")
+    flags = body.op("BitwiseAnd", shifted, body.const(1, np.uint8))  # [N, B, 8]
+    rows = body.op("Shape", "ids")
+    columns = body.op("Reshape", flags, body.op("Concat", rows, body.const([-1]), axis=0))
+    flags = body.op("Slice", columns, body.const([0]), "dim", body.const([1]))  # [N, D]
+    counts = body.op("Cast", flags, to=TensorProto.INT64)
+    kept = body.op("Cast", flags, to=TensorProto.BOOL)
+    rank = body.op("CumSum", counts, body.const(1), exclusive=1)
+    starts = body.op("Cast", body.op("Gather", "offsets", "ids", axis=0), to=TensorProto.INT64)
+    index = body.op("Add", body.op("Unsqueeze", starts, body.const([1])), rank)
+    # A dropped column after a row's last kept value may point past the end: clamp, then mask.
+    last = body.op("Sub", body.op("Shape", "values"), body.const(1))
+    gathered = body.op("Gather", "values", body.op("Min", index, last), axis=0)
+    body.op("Where", kept, gathered, body.const(0.0, np.float32), output="embedding")
+    return _function("PrunedGather", "packed", ["ids", "values", "offsets", "mask_bits", "dim"],
+                     body)
+
+
+def pruned_gather_empty() -> FunctionProto:
+    """A PEP table with every value pruned: zeros, whatever the id."""
+    body = Body("e")
+    shape = body.op("Concat", body.op("Shape", "ids"), "dim", axis=0)
+    body.op("Expand", body.const(0.0, np.float32), shape, output="embedding")
+    return _function("PrunedGather", "empty", ["ids", "values", "offsets", "mask_bits", "dim"],
+                     body)
+
+
+def quantized_gather_int8() -> FunctionProto:
+    """Row-wise int8: ``offset[id] + scale[id] * codes[id]``."""
+    body = Body("i")
+    codes = body.op("Cast", body.op("Gather", "codes", "ids", axis=0), to=TensorProto.FLOAT)
+    axis = body.const([1])
+    scale = body.op("Unsqueeze", body.op("Gather", "scale", "ids", axis=0), axis)
+    offset = body.op("Unsqueeze", body.op("Gather", "offset", "ids", axis=0), axis)
+    body.op("Add", offset, body.op("Mul", scale, codes), output="embedding")
+    return _function("QuantizedGather", "int8", ["ids", "codes", "scale", "offset"], body,
+                     attributes=("kind",))
+
+
+def quantized_gather_fp16() -> FunctionProto:
+    body = Body("f")
+    body.op("Cast", body.op("Gather", "weight", "ids", axis=0), output="embedding",
+            to=TensorProto.FLOAT)
+    return _function("QuantizedGather", "fp16", ["ids", "weight"], body, attributes=("kind",))
+
+
+def _coordinates(body: Body, dim: str) -> str:
+    """int64 [D]: 0, 1, ..., D - 1 for a scalar ``dim``."""
+    return body.op("Range", body.const(0), dim, body.const(1))
+
+
+def lma_gather() -> FunctionProto:
+    """Coordinate ``j`` of an id reads ``memory[((a_j s + c_j) mod PRIME) mod |M|]`` with ``s``
+    the id's minhash ``j mod K``."""
+    body = Body("l")
+    signature = body.op("Cast", body.op("Gather", "signatures", "ids", axis=0),
+                        to=TensorProto.INT64)  # [N, K]
+    dim = body.op("Gather", body.op("Shape", "coefficients"), body.const(0), axis=0)
+    minhashes = body.op("Gather", body.op("Shape", "signatures"), body.const(1), axis=0)
+    which = body.op("Mod", _coordinates(body, dim), minhashes)
+    minhash = body.op("Gather", signature, which, axis=1)  # [N, D]
+    a = body.op("Gather", "coefficients", body.const(0), axis=1)
+    c = body.op("Gather", "coefficients", body.const(1), axis=1)
+    hashed = body.op("Mod", body.op("Add", body.op("Mul", minhash, a), c), body.const(PRIME))
+    locations = body.op("Mod", hashed, body.op("Shape", "memory"))
+    body.op("Gather", "memory", locations, output="embedding", axis=0)
+    return _function("LMAGather", "default", ["ids", "memory", "signatures", "coefficients"], body)
+
+
+def robe_gather() -> FunctionProto:
+    """Block ``b`` of an id starts at ``h_b(id) mod |M|`` with ``h_b`` a universal hash of the
+    id's base-2**21 digits; coordinate ``j`` reads ``memory[(start_{j // Z} + j mod Z) mod |M|]``.
+    The width ``dim`` is an attribute (it is not among the stored tensors)."""
+    body = Body("r")
+    base = body.const(DIGIT_BASE)
+    axis = body.const([1])
+    digit0 = body.op("Unsqueeze", body.op("Mod", "ids", base), axis)  # [N, 1]
+    digit1 = body.op("Unsqueeze", body.op("Mod", body.op("Div", "ids", base), base), axis)
+    digit2 = body.op("Unsqueeze", body.op("Div", "ids", body.const(DIGIT_BASE * DIGIT_BASE)), axis)
+    terms = [
+        body.op("Mul", digit, body.op("Gather", "coefficients", body.const(k), axis=1))
+        for k, digit in enumerate((digit0, digit1, digit2))
+    ]
+    constant = body.op("Gather", "coefficients", body.const(3), axis=1)
+    total = body.op("Add", body.op("Add", body.op("Add", terms[0], terms[1]), terms[2]), constant)
+    size = body.op("Shape", "memory")
+    starts = body.op("Mod", body.op("Mod", total, body.const(PRIME)), size)  # [N, blocks]
+    block = body.op("Squeeze", "block", body.const([0]))
+    coordinates = _coordinates(body, body.attribute_int("dim"))
+    start = body.op("Gather", starts, body.op("Div", coordinates, block), axis=1)  # [N, D]
+    locations = body.op("Mod", body.op("Add", start, body.op("Mod", coordinates, block)), size)
+    body.op("Gather", "memory", locations, output="embedding", axis=0)
+    return _function("ROBEGather", "default", ["ids", "memory", "coefficients", "block"], body,
+                     attributes=("dim",))
+
+
+def function_for(op_type: str, overload: str) -> FunctionProto:
+    """The function a node ``ctrserve::op_type`` with this overload calls."""
+    if op_type == "QRGather":
+        for operation in ("mult", "add", "concat"):
+            if overload.startswith(operation):
+                return qr_gather(operation, int(overload[len(operation):]))
+    builders = {
+        ("HashGather", "default"): hash_gather,
+        ("PrunedGather", "packed"): pruned_gather,
+        ("PrunedGather", "empty"): pruned_gather_empty,
+        ("QuantizedGather", "int8"): quantized_gather_int8,
+        ("QuantizedGather", "fp16"): quantized_gather_fp16,
+        ("LMAGather", "default"): lma_gather,
+        ("ROBEGather", "default"): robe_gather,
+    }
+    if (op_type, overload) not in builders:
+        raise ValueError(f"no ctrserve function {op_type} (overload {overload!r})")
+    return builders[(op_type, overload)]()
+
+
+def functions_for(nodes: Sequence[NodeProto]) -> list[onnx.FunctionProto]:
+    """One function per distinct (op, overload) among the ``ctrserve`` nodes."""
+    wanted = sorted({(n.op_type, n.overload) for n in nodes if n.domain == DOMAIN})
+    return [function_for(op_type, overload) for op_type, overload in wanted]

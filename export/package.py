@@ -1,0 +1,132 @@
+"""The model package: what ``ctrserve export`` writes and the server loads.
+
+A repository holds ``<repo>/<name>/<version>/`` (Triton's layout; versions are positive
+integers). A package directory holds:
+
+- ``model.onnx`` (and ``model.onnx.data`` when the tensors pass protobuf's 2 GB limit);
+- ``transform/transform.json`` and ``transform/vocabulary.npz``: the feature transform;
+- ``manifest.json``: format version, name, version, inputs and outputs, the raw feature schema,
+  each table's scheme and bytes, training metrics, the export's parity result, and the size and
+  sha256 of every other file.
+
+This module reads and verifies packages with numpy and the standard library only: the server
+imports it, and it must not pull in torch or onnx. Directories whose names are not integers
+(the exporter's hidden staging directories among them) are not versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+TRANSFORM_DIR = "transform"
+_HASH_CHUNK = 1 << 20
+
+
+class PackageError(Exception):
+    """A package that is missing, damaged or of a format this version cannot read."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``directory`` except the manifest, by relative path."""
+    records = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            relative = path.relative_to(directory).as_posix()
+            records[relative] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    return records
+
+
+def file_problems(directory: Path, manifest: dict, check_hashes: bool = True) -> list[str]:
+    """What is wrong with the package's files, against the manifest's records (empty if all's
+    well). Sizes are checked first, so a truncated file is named as such without hashing it."""
+    problems = []
+    for relative, record in manifest.get("files", {}).items():
+        path = directory / relative
+        if not path.is_file():
+            problems.append(f"{relative}: missing")
+        elif path.stat().st_size != record["bytes"]:
+            problems.append(f"{relative}: {path.stat().st_size:,} bytes, the manifest says "
+                            f"{record['bytes']:,} (truncated or replaced)")
+        elif check_hashes and sha256_of(path) != record["sha256"]:
+            problems.append(f"{relative}: sha256 mismatch (the file is damaged)")
+    return problems
+
+
+@dataclass(frozen=True)
+class Package:
+    directory: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def transform_path(self) -> Path:
+        return self.directory / TRANSFORM_DIR
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise PackageError(f"{directory}: no such package directory")
+    if not path.is_file():
+        raise PackageError(f"{directory}: not a model package ({MANIFEST} is missing)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PackageError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise PackageError(f"{path}: unsupported format_version {found!r} "
+                           f"(this version reads {FORMAT_VERSION})")
+    for key in ("name", "version", "inputs", "outputs", "tables", "files"):
+        if key not in manifest:
+            raise PackageError(f"{path}: the manifest has no {key!r}")
+    return manifest
+
+
+def load_package(directory: str | Path, verify: bool = True) -> Package:
+    """Reads a package's manifest and, with ``verify``, checks every file's size and sha256."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if verify:
+        problems = file_problems(directory, manifest)
+        if problems:
+            raise PackageError(f"{directory}: damaged package: " + "; ".join(problems))
+    return Package(directory, manifest)
+
+
+def versions(model_directory: str | Path) -> list[int]:
+    """The integer version directories of one model in a repository, ascending."""
+    model_directory = Path(model_directory)
+    if not model_directory.is_dir():
+        return []
+    return sorted(
+        int(child.name) for child in model_directory.iterdir()
+        if child.is_dir() and child.name.isdigit() and int(child.name) > 0
+    )
