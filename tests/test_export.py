@@ -281,3 +281,46 @@ def test_demo_runs_generate_train_export_inspect(tmp_path):
     package = load_package(tmp_path / "repo" / "demo" / "1")
     assert package.manifest["parity"]["passed"]
     assert {t["scheme"] for t in package.manifest["tables"]} == {"full", "qr"}
+
+
+def test_large_models_keep_their_tensors_in_an_external_data_file(data, tmp_path, monkeypatch):
+    from ctrserve.export import exporter
+
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
+    checkpoint = _train(data, tmp_path / "ckpt", SCHEMES["lma"])
+    package = export_checkpoint(checkpoint, tmp_path / "repo", "ctr", log=lambda _: None)
+    manifest = load_package(package).manifest
+    assert manifest["onnx"]["external_data"]
+    assert "model.onnx.data" in manifest["files"]
+    assert (package / "model.onnx").stat().st_size < (package / "model.onnx.data").stat().st_size
+    (package / "model.onnx.data").write_bytes(b"")
+    with pytest.raises(PackageError, match=r"model\.onnx\.data"):
+        load_package(package)
+
+
+_SERVE_WITHOUT_TORCH = """
+import sys, json
+import numpy as np, onnxruntime as ort
+from ctrserve.export.package import load_package
+from ctrserve.models.readers import iter_batches, spec_for
+from ctrserve.models.transform import FeatureTransform
+package = load_package(sys.argv[1])
+transform = FeatureTransform.load(package.transform_path)
+batch = next(iter_batches(sys.argv[2], spec_for(sys.argv[2], "parquet", sys.argv[3]), 64))
+features = transform.transform(batch)
+session = ort.InferenceSession(str(package.model_path), providers=["CPUExecutionProvider"])
+(p,) = session.run(None, {"dense": features.dense, "sparse": features.sparse})
+print(json.dumps({"torch": "torch" in sys.modules, "p": p.tolist()}))
+"""
+
+
+def test_a_package_serves_raw_rows_with_onnxruntime_and_numpy_only(package, data):
+    result = subprocess.run(
+        [sys.executable, "-c", _SERVE_WITHOUT_TORCH, str(package), data.path, data.spec_path],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)
+    assert not served["torch"]
+    probabilities = np.array(served["p"])
+    assert probabilities.shape == (64,) and ((probabilities > 0) & (probabilities < 1)).all()
