@@ -175,15 +175,51 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="runs/demo", help="where data and checkpoint go")
+    parser.add_argument("--workdir", default="runs/demo",
+                        help="where data, checkpoint and model repository go")
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build the package again even if it exists")
+    parser.add_argument("--once", action="store_true",
+                        help="score a few rows through the API, print them and exit")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run(args.workdir, args.rows, args.epochs)
+    return run(args.workdir, args.rows, args.epochs, args.rebuild, args.once, args.host,
+               args.port)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", help="model repository (env CTRSERVE_REPO)")
+    parser.add_argument("--model", action="append", dest="models",
+                        help="a model to load (repeatable; default: every model in the repo)")
+    parser.add_argument("--host", help="default 127.0.0.1 (env CTRSERVE_HOST)")
+    parser.add_argument("--port", type=int, help="default 8000 (env CTRSERVE_PORT)")
+    parser.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    parser.add_argument("--admin-token", help="bearer token for the repository control routes")
+    parser.add_argument("--max-batch-rows", type=int)
+    parser.add_argument("--max-queue-delay-us", type=int)
+    parser.add_argument("--max-queue-rows", type=int)
+    parser.add_argument("--request-timeout-ms", type=int)
+    parser.add_argument("--no-batching", dest="batching", action="store_const", const=False)
+    parser.add_argument("--poll-interval-s", type=float,
+                        help="scan the repository for new versions this often (0: never)")
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--intra-op-threads", type=int)
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ctrserve.service.server import serve, settings_from
+
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "run") and v is not None}
+    return serve(settings_from(flags))
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -267,7 +303,7 @@ def run_bench(args: argparse.Namespace) -> int:
     return main(args, data_config(args))
 
 COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
-    "demo": ("generate data, train the demo model and evaluate it",
+    "demo": ("build the demo model package (generate, train, export) if missing, and serve it",
              add_demo_arguments, run_demo),
     "generate": ("write synthetic CTR data", add_generate_arguments, run_generate),
     "train": ("train a CTR model and write a checkpoint", add_train_arguments, run_train),
@@ -277,6 +313,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
                add_export_arguments, run_export),
     "inspect": ("describe a model package and verify its files",
                 add_inspect_arguments, run_inspect),
+    "serve": ("serve the models of a repository over HTTP", add_serve_arguments, run_serve),
     "bench": ("benchmarks: accuracy against embedding memory", add_bench_arguments, run_bench),
 }
 

@@ -1,21 +1,30 @@
-"""The end-to-end demo on an embedded default: generate data, train the demo model, evaluate it,
-export it as a model package into ``<workdir>/repo`` and inspect the package.
+"""The end-to-end demo on an embedded default: build the demo model package if it is missing
+(generate data, train, evaluate, export, inspect), then serve it.
 
 The demo model is fixed (README documents it): Criteo-shaped data with Criteo Kaggle's 26 table
 sizes scaled down 100x, D=16, bottom MLP 13-512-256-64-16, top MLP 512-256-1, quotient-remainder
-(4 collisions, mult) on every table of 2,000 rows or more.
+(4 collisions, mult) on every table of 2,000 rows or more. With ``once``, a few rows of the test
+split are scored through the HTTP API, printed, and the server stops.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import socket
+import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
+from ctrserve.export.inspect import describe
+from ctrserve.export.package import PackageError, load_package
 from ctrserve.models.generate import CriteoLikeConfig, scaled_cardinalities, write_criteo_like
 
-from .report import print_metrics, print_tables
-
 DEMO_SCALE = 100
+DEMO_NAME = "demo"
+DEMO_VERSION = 1
 DEMO_MODEL = {
     "kind": "dlrm",
     "dim": 16,
@@ -25,6 +34,7 @@ DEMO_MODEL = {
         "default": {"scheme": "qr", "collisions": 4, "operation": "mult", "min_rows": 2000}
     },
 }
+SHOWN_ROWS = 5
 
 
 def ensure_data(directory: Path, rows: int, seed: int = 0) -> dict:
@@ -40,16 +50,17 @@ def ensure_data(directory: Path, rows: int, seed: int = 0) -> dict:
     return write_criteo_like(config, directory)
 
 
-def run(workdir: str, rows: int, epochs: int) -> int:
+def build_package(root: Path, rows: int, epochs: int) -> Path:
+    """generate -> train -> evaluate -> export; returns the package directory."""
     from ctrserve.export.exporter import export_checkpoint
-    from ctrserve.export.inspect import describe
     from ctrserve.models.data import DataConfig
     from ctrserve.models.dlrm import ModelConfig
     from ctrserve.models.evaluate import evaluate
     from ctrserve.models.train import TrainConfig, fit
     from ctrserve.models.transform import TransformConfig
 
-    root = Path(workdir)
+    from .report import print_metrics, print_tables
+
     data_dir = root / "data"
     generated = ensure_data(data_dir, rows)
     print(f"data: {rows:,} generated rows in {data_dir} "
@@ -68,9 +79,91 @@ def run(workdir: str, rows: int, epochs: int) -> int:
     test = evaluate(checkpoint, part="test")
     print_metrics(f"test, 'ctrserve evaluate {checkpoint}'", test)
     print(f"oracle AUC on the generated data: {generated['oracle_auc']:.4f}")
-    package = export_checkpoint(checkpoint, root / "repo", "demo", overwrite=True,
-                                version=1)
+    return export_checkpoint(checkpoint, root / "repo", DEMO_NAME, version=DEMO_VERSION,
+                             overwrite=True)
+
+
+def _package_ready(package: Path) -> bool:
+    try:
+        load_package(package)
+    except PackageError:
+        return False
+    return True
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def sample_rows(data_file: Path, count: int) -> list[dict]:
+    """The first ``count`` rows of the demo data as the API takes them (labels left out)."""
+    table = pq.ParquetFile(data_file).read_row_group(0).slice(0, count)
+    rows = []
+    for record in table.to_pylist():
+        record.pop("label", None)
+        rows.append({k: v for k, v in record.items()
+                     if v is not None and not (isinstance(v, float) and math.isnan(v))})
+    return rows
+
+
+def score_over_http(url: str, rows: list[dict]) -> dict:
+    request = urllib.request.Request(url, data=json.dumps({"rows": rows}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+async def _serve_once(settings, rows: list[dict]) -> dict:
+    import uvicorn
+
+    from ctrserve.service.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host,
+                                           port=settings.port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(600):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.1)
+        if not server.started:
+            raise RuntimeError("the server did not start")
+        url = f"http://{settings.host}:{settings.port}/v1/models/{DEMO_NAME}/score"
+        return await asyncio.to_thread(score_over_http, url, rows)
+    finally:
+        server.should_exit = True
+        await task
+
+
+def run(workdir: str, rows: int, epochs: int, rebuild: bool = False, once: bool = False,
+        host: str = "127.0.0.1", port: int = 8000) -> int:
+    from ctrserve.service.server import serve
+    from ctrserve.service.settings import ServiceSettings
+
+    root = Path(workdir)
+    package = root / "repo" / DEMO_NAME / str(DEMO_VERSION)
+    if rebuild or not _package_ready(package):
+        package = build_package(root, rows, epochs)
+    else:
+        print(f"using the demo package {package} (--rebuild builds it again)")
     report, intact = describe(package)
-    print(f"'ctrserve inspect {package}':")
-    print(report)
-    return 0 if intact else 1
+    print(f"'ctrserve inspect {package}':\n{report}")
+    if not intact:
+        return 1
+    settings = ServiceSettings(repo=root / "repo", models=[DEMO_NAME], host=host,
+                               port=port or free_port(host))
+    if not once:
+        print(f"serving on http://{settings.host}:{settings.port} (docs at /docs); try:\n"
+              f"  curl -X POST http://{settings.host}:{settings.port}/v1/models/{DEMO_NAME}/"
+              "score -d '{\"rows\": [{\"I1\": 3, \"C1\": 17}]}'")
+        return serve(settings)
+    shown = sample_rows(root / "data" / "data.parquet", SHOWN_ROWS)
+    answer = asyncio.run(_serve_once(settings, shown))
+    print(f"POST /v1/models/{DEMO_NAME}/score with {len(shown)} rows -> "
+          f"model {answer['model']} version {answer['version']}")
+    for row, probability in zip(shown, answer["probabilities"], strict=True):
+        features = ", ".join(f"{k}={v}" for k, v in list(row.items())[:4])
+        print(f"  p(click) = {probability:.4f}   ({features}, ...)")
+    return 0

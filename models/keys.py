@@ -28,6 +28,7 @@ class InvalidValueError(ValueError):
         super().__init__(f"column {column!r}, row {row}: {value!r} is not {expected}")
         self.column = column
         self.row = row
+        self.value = value
         self.expected = expected
 
 

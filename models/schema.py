@@ -106,8 +106,9 @@ class RawBatch:
 
     - ``labels``: float32 [n] of 0/1, or None for unlabeled data.
     - ``dense``: name -> float64 [n]; NaN marks a missing value.
-    - ``categorical``: name -> either an integer ndarray [n] (no missing values) or an object
-      ndarray [n] whose items are ``str``, ``int`` or ``None`` (missing).
+    - ``categorical``: name -> an integer ndarray [n] (no missing values), an integer
+      ``numpy.ma.MaskedArray`` [n] (masked values are missing), or an object ndarray [n] whose
+      items are ``str``, ``int`` or ``None`` (missing).
     """
 
     labels: np.ndarray | None

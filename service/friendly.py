@@ -1,0 +1,135 @@
+"""The friendly JSON body: raw features by column name, as rows or as columns.
+
+    {"rows": [{"I1": 3, "C1": "68fd1e64"}, {"I1": null}]}
+    {"columns": {"I1": [3, null], "C1": ["68fd1e64", null]}}
+
+A key left out or ``null`` is a missing value (filled as in training). Dense columns take numbers;
+categorical columns take strings or integers. An unknown column, a value of the wrong type or a
+malformed body is a ``BadRequest`` naming the column and the row. Values that have the right type
+but cannot be parsed (``"zz"`` for a hexadecimal column) are found by the feature transform,
+which runs once per batch; the batcher then fails only the request they came from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+
+from ctrserve.models.transform import FeatureTransform
+
+from .batcher import Features
+from .errors import BadRequest, PayloadTooLarge
+
+_NUMBER = (int, float)
+_CATEGORICAL = (str, int)
+
+
+def parse_json(body: bytes) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise BadRequest(f"the body is not valid JSON: {error}") from None
+
+
+def decode_score_request(body: bytes, transform: FeatureTransform, max_rows: int) -> Features:
+    payload = parse_json(body)
+    if not isinstance(payload, dict) or len(payload.keys() & {"rows", "columns"}) != 1:
+        raise BadRequest('the body must be an object with either "rows" (a list of objects) or '
+                         '"columns" (an object of equal-length lists)')
+    if "rows" in payload:
+        columns, n = _rows_to_columns(payload["rows"], transform, max_rows)
+    else:
+        columns, n = _check_columns(payload["columns"], transform, max_rows)
+    return Features(
+        n,
+        dense_columns={e.name: _dense(e.name, columns.get(e.name), n) for e in transform.dense},
+        categorical_columns={
+            e.column.name: _categorical(e.column.name, e.column.kind, columns.get(e.column.name),
+                                        n)
+            for e in transform.categorical
+        },
+    )
+
+
+def _known(transform: FeatureTransform) -> set[str]:
+    return {e.name for e in transform.dense} | {e.column.name for e in transform.categorical}
+
+
+def _check_rows(n: int, max_rows: int) -> None:
+    if n > max_rows:
+        raise PayloadTooLarge(f"{n:,} rows in one request; the limit is {max_rows:,}")
+
+
+def _rows_to_columns(rows: object, transform: FeatureTransform,
+                     max_rows: int) -> tuple[dict[str, list], int]:
+    if not isinstance(rows, list):
+        raise BadRequest('"rows" must be a list of objects')
+    _check_rows(len(rows), max_rows)
+    known = _known(transform)
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BadRequest(f"row {index}: expected an object of column: value, got "
+                             f"{type(row).__name__}")
+        if not row.keys() <= known:
+            unknown = sorted(row.keys() - known)[0]
+            raise BadRequest(f"row {index}: unknown column {unknown!r}")
+    present = set().union(*(row.keys() for row in rows)) if rows else set()
+    return {name: [row.get(name) for row in rows] for name in present}, len(rows)
+
+
+def _check_columns(columns: object, transform: FeatureTransform,
+                   max_rows: int) -> tuple[dict[str, list], int]:
+    if not isinstance(columns, dict):
+        raise BadRequest('"columns" must be an object of column: list of values')
+    known = _known(transform)
+    lengths = set()
+    for name, values in columns.items():
+        if name not in known:
+            raise BadRequest(f"unknown column {name!r}")
+        if not isinstance(values, list):
+            raise BadRequest(f"column {name!r}: expected a list of values")
+        lengths.add(len(values))
+    if len(lengths) > 1:
+        raise BadRequest(f"columns have different lengths: {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    _check_rows(n, max_rows)
+    return columns, n
+
+
+def _dense(name: str, values: list | None, n: int) -> np.ndarray:
+    if values is None:
+        return np.full(n, np.nan)
+    for row, value in enumerate(values):
+        if value is not None and (type(value) not in _NUMBER):
+            raise BadRequest(f"column {name!r}, row {row}: {value!r} is not a number")
+    array = np.array(values, dtype=np.float64)  # None becomes NaN: a missing value
+    if not np.isfinite(array[~np.isnan(array)]).all():
+        row = int(np.flatnonzero(np.isinf(array))[0])
+        raise BadRequest(f"column {name!r}, row {row}: {values[row]!r} is not a finite number")
+    return array
+
+
+def _categorical(name: str, kind: str, values: list | None, n: int) -> np.ndarray:
+    if values is None:
+        return np.full(n, None, dtype=object)
+    all_ints = True
+    for row, value in enumerate(values):
+        kind_of = type(value)
+        if kind_of is int:
+            continue
+        all_ints = False
+        if value is not None and kind_of not in _CATEGORICAL:
+            expected = "a string or an integer"
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                expected += " (send integer ids without a decimal point)"
+            raise BadRequest(f"column {name!r}, row {row}: {value!r} is not {expected}")
+    if all_ints and kind == "int":
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            pass  # out of int64: the transform reports the row
+    array = np.empty(n, dtype=object)
+    array[:] = values
+    return array

@@ -1,0 +1,134 @@
+"""One loaded model version: its ONNX Runtime session and its feature transform.
+
+Sessions run on CUDA when asked for (or, with ``auto``, when a GPU and its libraries are usable),
+else on CPU. On CUDA the initializers live on the device and requests go through I/O binding;
+no node may silently fall back to the CPU (the session is refused instead). The CPU path is the
+one the tests prove; development and CI machines have no GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from ctrserve.export.package import Package
+from ctrserve.models.transform import FeatureTransform
+
+log = logging.getLogger("ctrserve.runtime")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+WARMUP_ROWS = (1, 64)
+
+
+class ModelLoadError(Exception):
+    """A package that cannot be served (damaged, unknown format, ONNX Runtime refused it)."""
+
+
+def cuda_usable() -> bool:
+    """Whether the CUDA provider is installed and a CUDA driver is present to run it."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_provider(preference: str) -> str:
+    if preference == "cpu":
+        return CPU
+    if preference == "cuda":
+        if not cuda_usable():
+            raise ModelLoadError("provider 'cuda' asked for, but no usable CUDA GPU is present")
+        return CUDA
+    return CUDA if cuda_usable() else CPU
+
+
+def cpu_threads(workers: int, requested: int) -> int:
+    if requested > 0:
+        return requested
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+@dataclass
+class ModelRuntime:
+    package: Package
+    transform: FeatureTransform
+    session: ort.InferenceSession
+    provider: str
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    @property
+    def version(self) -> int:
+        return self.package.version
+
+    @property
+    def n_dense(self) -> int:
+        return self.transform.n_dense
+
+    @property
+    def n_tables(self) -> int:
+        return len(self.transform.categorical)
+
+    @property
+    def table_sizes(self) -> list[int]:
+        return self.transform.table_sizes
+
+    def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        """dense float32 [N, n_dense], sparse int64 [N, n_tables] -> float32 [N]."""
+        feed = {"sparse": sparse}
+        if self.n_dense:
+            feed["dense"] = dense
+        if self.provider == CUDA:
+            return self._predict_bound(feed)
+        return self.session.run(None, feed)[0]
+
+    def _predict_bound(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """CUDA: inputs are copied to the device once, the output comes back into host memory."""
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("probability", "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def load_runtime(package: Package, provider: str = "auto", threads: int = 1) -> ModelRuntime:
+    """Creates the session, checks its inputs against the manifest, and warms it up."""
+    chosen = choose_provider(provider)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = [chosen] if chosen == CPU else [chosen, CPU]
+    if chosen == CUDA:
+        # Every node on the GPU, or no session: a silent CPU fallback would copy tables per run.
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        transform = FeatureTransform.load(package.transform_path)
+        session = ort.InferenceSession(str(package.model_path), options, providers=providers)
+    except Exception as error:  # ONNX Runtime raises its own exception types, and numpy/OS ones
+        raise ModelLoadError(f"{package.directory}: {error}") from error
+    expected = {io["name"] for io in package.manifest["inputs"]}
+    actual = {i.name for i in session.get_inputs()}
+    if actual != expected:
+        raise ModelLoadError(f"{package.directory}: the graph's inputs {sorted(actual)} differ "
+                             f"from the manifest's {sorted(expected)}")
+    runtime = ModelRuntime(package, transform, session, session.get_providers()[0])
+    for rows in WARMUP_ROWS:
+        runtime.predict(np.zeros((rows, runtime.n_dense), np.float32),
+                        np.zeros((rows, runtime.n_tables), np.int64))
+    log.info("loaded %s version %d on %s (%d intra-op threads)", package.name, package.version,
+             runtime.provider, threads)
+    return runtime
