@@ -212,6 +212,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--intra-op-threads", type=int)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--max-body-bytes", type=int, help="larger bodies get 413")
+    parser.add_argument("--body-timeout-s", type=float,
+                        help="a body must arrive within this time (408 otherwise)")
+    parser.add_argument("--redis-url", help="Redis for the feature store and rollout")
+    parser.add_argument("--redis-timeout-ms", type=int)
+    parser.add_argument("--redis-required", action="store_const", const=True,
+                        help="readiness requires Redis")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -258,6 +265,36 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0 if intact else 1
 
 
+def add_features_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{load}")
+    load = actions.add_parser("load", help="write a table of entity features into Redis")
+    load.add_argument("file", help="CSV or Parquet table, one row per entity")
+    load.add_argument("--redis", required=True, help="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    load.add_argument("--entity", required=True, help="entity name, e.g. user")
+    load.add_argument("--key-column", required=True, help="the column holding the entity id")
+    load.add_argument("--namespace", default="ctrserve")
+    load.add_argument("--ttl", type=int, default=0, help="expire entities after S seconds")
+    load.add_argument("--batch-rows", type=int, default=1000)
+    load.add_argument("--no-progress", action="store_true")
+
+
+def run_features(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from ctrserve.service.feature_loader import load_features
+
+    try:
+        written = load_features(args.redis, args.entity, args.key_column, args.file,
+                                args.namespace, args.ttl, args.batch_rows,
+                                progress=not args.no_progress)
+    except (RedisError, OSError) as error:
+        print(f"ctrserve features: error: Redis at {args.redis}: {error}", file=sys.stderr)
+        return 1
+    print(f"{written:,} {args.entity} entities written to {args.redis} "
+          f"({args.namespace}:{args.entity}:<{args.key_column}>)")
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from ctrserve.models.generate import run_generate as run
 
@@ -265,7 +302,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    benches = parser.add_subparsers(dest="bench", required=True, metavar="{accuracy}")
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="{accuracy,serve}")
+    add_bench_serve_arguments(benches)
     accuracy = benches.add_parser(
         "accuracy", help="test AUC of every embedding scheme at byte budgets",
         description="Train and test every embedding scheme at byte budgets (fractions of the "
@@ -285,6 +323,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--jobs", type=int, default=1, help="cells trained at once (processes)")
     group.add_argument("--rerun", action="append", default=[],
                        metavar="SCHEME[:BUDGET[:SEED]]", help="train these cells again")
+    group.add_argument("--cache", help="cell cache directory (default: OUT/cells)")
     model = accuracy.add_argument_group("model and training (the same for every scheme)")
     model.add_argument("--dim", type=int, default=16)
     model.add_argument("--bottom", type=_ints, default=(512, 256, 64))
@@ -297,7 +336,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="auto")
 
 
+def add_bench_serve_arguments(benches) -> None:
+    from ctrserve.loadtest.options import add_arguments
+
+    serve = benches.add_parser(
+        "serve", help="serving throughput and latency: closed and open loop, the in-process "
+                      "ceiling, batching on and off",
+        description="Serving benchmark (server pinned to one core, load generator on the "
+                    "other): write results.json, report.md and PNG plots to OUT.")
+    add_arguments(serve)
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "serve":
+        from ctrserve.loadtest.driver import main as serve_main
+
+        return serve_main(args)
     from ctrserve.models.bench_accuracy import main
 
     return main(args, data_config(args))
@@ -314,7 +368,10 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "inspect": ("describe a model package and verify its files",
                 add_inspect_arguments, run_inspect),
     "serve": ("serve the models of a repository over HTTP", add_serve_arguments, run_serve),
-    "bench": ("benchmarks: accuracy against embedding memory", add_bench_arguments, run_bench),
+    "features": ("online feature store: load entity tables into Redis",
+                 add_features_arguments, run_features),
+    "bench": ("benchmarks: accuracy against embedding memory, serving speed",
+              add_bench_arguments, run_bench),
 }
 
 

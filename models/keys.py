@@ -25,6 +25,8 @@ class InvalidValueError(ValueError):
     """A raw value that cannot become a key; names the column and the row within the batch."""
 
     def __init__(self, column: str, row: int, value: object, expected: str) -> None:
+        if isinstance(value, np.generic):  # np.str_('x') from a text array: name it as 'x'
+            value = value.item()
         super().__init__(f"column {column!r}, row {row}: {value!r} is not {expected}")
         self.column = column
         self.row = row

@@ -1,8 +1,27 @@
 #!/usr/bin/env bash
 # Creates .venv and installs ctrserve with its training and test extras, pinned by
-# requirements/constraints.txt (a CPU build of torch). Safe to run again.
+# requirements/constraints.txt (a CPU build of torch), plus the servers the tests start
+# (redis-server, nginx, prometheus) from Debian packages when they are missing. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+missing=()
+for tool in redis-server:redis-server nginx:nginx prometheus:prometheus; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        echo "installing ${missing[*]} (Debian packages)"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    else
+        echo "warning: ${missing[*]} missing and no apt-get: the tests that start them fail" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

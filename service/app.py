@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 from collections.abc import AsyncIterator
 
 import orjson
@@ -19,10 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from . import metrics
 from .errors import BadRequest, ServiceError, Unauthorized
 from .friendly import decode_score_request, parse_json
+from .limits import BodyLimitMiddleware
+from .ranking import Ranker
 from .repository import ModelRepository
 from .settings import ServiceSettings
+from .v2_routes import register_v2_routes
 
 log = logging.getLogger("ctrserve.service")
 
@@ -42,6 +45,15 @@ SCORE_BODY = {"requestBody": {"required": True, "content": {"application/json": 
     "examples": SCORE_EXAMPLES,
 }}}}
 
+RANK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["candidates"], "properties": {
+        "entities": {"type": "object"}, "context": {"type": "object"},
+        "candidates": {"type": "array", "items": {"type": "object"}},
+    }},
+    "example": {"entities": {"user": "u42"}, "context": {"hour": 14, "device": "ios"},
+                "candidates": [{"item": "i7"}, {"item": "i9"}]},
+}}}}
+
 
 def json_response(content: object, status: int = 200,
                   headers: dict[str, str] | None = None) -> Response:
@@ -59,12 +71,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repository = ModelRepository(settings)
+    ranker = Ranker(repository, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.update_process_gauges()
         await repository.start()
         tasks = [asyncio.create_task(_every(settings.control_interval_s,
-                                            repository.follow_control))]
+                                            repository.follow_control)),
+                 asyncio.create_task(_every(1.0, _update_process_gauges)),
+                 asyncio.create_task(repository.control.listen(repository.follow_control))]
         if settings.poll_interval_s > 0:
             tasks.append(asyncio.create_task(_every(settings.poll_interval_s,
                                                     repository.poll_new_versions)))
@@ -72,11 +88,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         for task in tasks:
             task.cancel()
         await repository.stop()
+        await ranker.close()
+        metrics.process_exited()
 
     app = FastAPI(title="ctrserve", lifespan=lifespan,
                   description="CTR scoring for DLRM models with compressed embedding tables.")
     app.state.repository = repository
     app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(metrics.MetricsMiddleware)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, error: ServiceError) -> Response:
@@ -124,6 +145,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def score_version(name: str, version: int, request: Request) -> Response:
         return await score(name, version, request)
 
+    @app.post("/v1/models/{name}/rank", openapi_extra=RANK_BODY, tags=["scoring"],
+              summary="Score candidates named by entity ids, features joined from the store")
+    async def rank(name: str, request: Request) -> Response:
+        return json_response(await ranker.rank(name, await request.body()))
+
     @app.get("/v1/models", tags=["scoring"], summary="Served models and their features")
     async def list_models() -> Response:
         return json_response({"models": [
@@ -134,7 +160,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/v2/health/live", tags=["health"])
     async def live() -> Response:
-        return json_response({"live": True}, headers={"x-worker-pid": str(os.getpid())})
+        return json_response({"live": True})
 
     @app.get("/v2/health/ready", tags=["health"])
     async def ready() -> Response:
@@ -142,6 +168,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         missing = [name for name in wanted if name not in repository.served()]
         if missing:
             return error_response(503, f"models not loaded: {', '.join(missing)}")
+        if settings.redis_required and not await ranker.store_healthy():
+            return error_response(503, "the feature store (Redis) does not answer")
         return json_response({"ready": True})
 
     @app.get("/v2/models/{name}/stats", tags=["repository"],
@@ -159,6 +187,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                             for size, count in sorted(counters.batch_sizes.items())],
         }]})
 
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of every worker")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.post("/v2/repository/index", tags=["repository"])
     async def repository_index(request: Request) -> Response:
         require_admin(request)
@@ -169,16 +202,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         require_admin(request)
         body = await request.body()
         version = _requested_version(parse_json(body) if body.strip() else {})
-        served = await repository.request_load(name, version)
+        served, recorded = await repository.request_load(name, version)
         return json_response({"name": name, "version": served.version,
-                              "provider": served.runtime.provider})
+                              "provider": served.runtime.provider, "recorded": recorded})
 
     @app.post("/v2/repository/models/{name}/unload", tags=["repository"])
     async def unload(name: str, request: Request) -> Response:
         require_admin(request)
-        await repository.request_unload(name)
-        return json_response({"name": name, "state": "UNAVAILABLE"})
+        recorded = await repository.request_unload(name)
+        return json_response({"name": name, "state": "UNAVAILABLE", "recorded": recorded})
 
+    register_v2_routes(app, repository, settings)
     return app
 
 
@@ -199,6 +233,10 @@ def _requested_version(payload: object) -> int | None:
     if version < 1:
         raise BadRequest(f"version must be a positive integer, got {version}")
     return version
+
+
+async def _update_process_gauges() -> None:
+    metrics.update_process_gauges()
 
 
 async def _every(seconds: float, action) -> None:

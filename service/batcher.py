@@ -25,6 +25,7 @@ from ctrserve.models.keys import InvalidValueError
 from ctrserve.models.schema import RawBatch
 
 from .errors import BadRequest, QueueFull, RequestTimeout, Unavailable
+from .metrics import BatchMetrics
 from .runtime import ModelRuntime
 
 
@@ -107,6 +108,11 @@ class Batcher:
         self.runtime = runtime
         self.config = config
         self.stats = BatchStats()
+        transform = runtime.transform
+        self.metrics = BatchMetrics(runtime.name, runtime.version,
+                                    [e.column.name for e in transform.categorical],
+                                    [e.name for e in transform.dense])
+        self._vocabulary_columns = np.array([e.mode == "vocab" for e in transform.categorical])
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"infer-{runtime.name}")
         self._queue: deque[_Piece] = deque()
@@ -125,12 +131,14 @@ class Batcher:
     async def score(self, features: Features) -> np.ndarray:
         """Probabilities (float32 [rows]) for ``features``, in order."""
         if self._closed:
+            self.metrics.rejections["unavailable"].inc()
             raise Unavailable(f"model {self.runtime.name} version {self.runtime.version} is "
                               "being unloaded")
         if features.rows == 0:
             return np.zeros(0, np.float32)
         waiting = self._queued_rows + self._in_flight_rows
         if waiting + features.rows > self.config.max_queue_rows:
+            self.metrics.rejections["queue_full"].inc()
             raise QueueFull(f"model {self.runtime.name}: {waiting:,} rows are waiting, the queue "
                             f"holds {self.config.max_queue_rows:,}; retry shortly")
         loop = asyncio.get_running_loop()
@@ -143,6 +151,7 @@ class Batcher:
         if self.config.enabled:
             self._queue.extend(pieces)
             self._queued_rows += features.rows
+            self.metrics.queue_rows.set(self._queued_rows)
             self._arrived.set()
         else:
             self._in_flight_rows += features.rows
@@ -154,6 +163,7 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout)
         except TimeoutError:
             request.cancelled = True
+            self.metrics.rejections["timeout"].inc()
             raise RequestTimeout(f"model {self.runtime.name}: no result within "
                                  f"{self.config.timeout_ms} ms") from None
 
@@ -200,6 +210,7 @@ class Batcher:
             self._in_flight_rows += piece.features.rows
             batch.append(piece)
             rows += piece.features.rows
+        self.metrics.queue_rows.set(self._queued_rows)
         return batch
 
     async def _execute(self, batch: list[_Piece]) -> None:
@@ -207,18 +218,23 @@ class Batcher:
         started = time.monotonic()
         rows = sum(p.features.rows for p in batch)
         try:
-            outcome = await loop.run_in_executor(self._executor, self._compute, batch)
+            failures, probabilities = await loop.run_in_executor(self._executor, self._compute,
+                                                                 batch)
         except Exception as error:  # the session failed: every request of the batch learns why
-            outcome = ({p.request: error for p in batch}, None)
+            failures, probabilities = {p.request: error for p in batch}, None
         finally:
             if self.config.enabled:
                 self._in_flight_rows -= rows
-        failures, probabilities = outcome
         scored = [p for p in batch if p.request not in failures]
+        for piece in scored:
+            self.metrics.queue.observe(started - piece.enqueued)
         if scored:
             self.stats.record(sum(p.features.rows for p in scored),
                               sum(started - p.enqueued for p in scored) / len(scored),
                               time.monotonic() - started)
+        for error in failures.values():
+            if isinstance(error, BadRequest):
+                self.metrics.rejections["bad_value"].inc()
         offset = 0
         for piece in scored:
             n = piece.features.rows
@@ -238,12 +254,13 @@ class Batcher:
         and its row within that request); the batch is transformed again without it.
         """
         failures: dict[_Request, Exception] = {}
+        started = time.perf_counter()
         while True:
             live = [p for p in batch if p.request not in failures]
             if not live:
                 return failures, None
             try:
-                dense, sparse = self._tensors(live)
+                dense, sparse, dense_missing = self._tensors(live)
                 break
             except InvalidValueError as error:
                 piece, row = _locate([p for p in live if p.features.raw], error.row)
@@ -251,12 +268,18 @@ class Batcher:
                     f"column {error.column!r}, row {piece.offset + row}: {error.value!r} is not "
                     f"{error.expected}"
                 )
-        return failures, self.runtime.predict(dense, sparse)
+        transformed = time.perf_counter()
+        probabilities = self.runtime.predict(dense, sparse)
+        self.metrics.batch(len(sparse), transformed - started,
+                           time.perf_counter() - transformed, probabilities)
+        self.metrics.data_quality(sparse, dense_missing, self._vocabulary_columns)
+        return failures, probabilities
 
-    def _tensors(self, pieces: list[_Piece]) -> tuple[np.ndarray, np.ndarray]:
-        """dense and sparse for ``pieces`` in order: raw pieces transformed together."""
+    def _tensors(self, pieces: list[_Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """dense and sparse for ``pieces`` in order (raw pieces transformed together), and the
+        raw pieces' count of missing values per dense column."""
         raw = [p for p in pieces if p.features.raw]
-        transformed = None
+        transformed = dense_missing = None
         if raw:
             batch = RawBatch(
                 labels=None,
@@ -267,8 +290,10 @@ class Batcher:
                              for name in raw[0].features.categorical_columns},
             )
             transformed = self.runtime.transform.transform(batch)
+            dense_missing = np.array([np.count_nonzero(np.isnan(batch.dense[e.name]))
+                                      for e in self.runtime.transform.dense], dtype=np.int64)
             if len(raw) == len(pieces):
-                return transformed.dense, transformed.sparse
+                return transformed.dense, transformed.sparse, dense_missing
         dense_parts, sparse_parts, start = [], [], 0
         for piece in pieces:
             if piece.features.raw:
@@ -279,7 +304,7 @@ class Batcher:
             else:
                 dense_parts.append(piece.features.dense)
                 sparse_parts.append(piece.features.sparse)
-        return np.concatenate(dense_parts), np.concatenate(sparse_parts)
+        return np.concatenate(dense_parts), np.concatenate(sparse_parts), dense_missing
 
     async def close(self) -> None:
         """Refuses new requests, lets queued and running batches finish, then stops."""

@@ -42,6 +42,13 @@ def decode_score_request(body: bytes, transform: FeatureTransform, max_rows: int
         columns, n = _rows_to_columns(payload["rows"], transform, max_rows)
     else:
         columns, n = _check_columns(payload["columns"], transform, max_rows)
+    return features_from_columns(columns, n, transform)
+
+
+def features_from_columns(columns: dict[str, list], n: int,
+                          transform: FeatureTransform) -> Features:
+    """Raw values by column name (``n`` per column; absent columns are missing) as the
+    batcher's raw features, type-checked."""
     return Features(
         n,
         dense_columns={e.name: _dense(e.name, columns.get(e.name), n) for e in transform.dense},

@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ctrserve.export.package import PackageError, load_package, versions
 
+from . import metrics
 from .batcher import Batcher, BatchingConfig
-from .control import CONTROL_DIR, ControlFile
+from .control import CONTROL_DIR, ControlFile, ControlRecord, ControlUnavailable, RedisControl
 from .errors import BadRequest, NotFound
 from .runtime import ModelLoadError, ModelRuntime, cpu_threads, load_runtime
 from .settings import ServiceSettings
 
 log = logging.getLogger("ctrserve.repository")
+
+#: Model names: a plain directory name, no separators, not starting with a dot.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass
@@ -50,7 +56,11 @@ class ModelRepository:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.root = Path(settings.repo)
-        self.control = ControlFile(self.root)
+        self.control = (RedisControl(settings.redis_url, settings.redis_namespace,
+                                     settings.redis_timeout_ms)
+                        if settings.redis_url else ControlFile(self.root))
+        #: Changes applied here whose recording failed (Redis away): written when it is back.
+        self._pending: dict[str, tuple[bool, int | None]] = {}
         self._served: dict[str, ServedModel] = {}
         self._states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -70,10 +80,11 @@ class ModelRepository:
     def names_on_disk(self) -> list[str]:
         if not self.root.is_dir():
             return []
+        root = self.root.resolve()
         return sorted(
             child.name for child in self.root.iterdir()
-            if child.is_dir() and child.name != CONTROL_DIR and not child.name.startswith(".")
-            and versions(child)
+            if child.is_dir() and child.name != CONTROL_DIR and MODEL_NAME.fullmatch(child.name)
+            and child.resolve().is_relative_to(root) and versions(child)
         )
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
@@ -110,8 +121,21 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def _model_directory(self, name: str) -> Path:
+        """``REPO/name``, refusing names that could leave the repository (``..``, separators,
+        a symlink pointing outside)."""
+        if not MODEL_NAME.fullmatch(name):
+            raise NotFound(f"invalid model name {name!r}")
+        directory = self.root / name
+        root = self.root.resolve()
+        if directory.exists() and not directory.resolve().is_relative_to(root):
+            raise NotFound(f"model {name!r} lies outside the repository")
+        return directory
+
     def _wanted_version(self, name: str, version: int | None) -> int:
-        on_disk = versions(self.root / name)
+        directory = self._model_directory(name)
+        on_disk = [v for v in versions(directory)
+                   if (directory / str(v)).resolve().is_relative_to(self.root.resolve())]
         if not on_disk:
             raise NotFound(f"model {name!r} has no versions in {self.root}")
         version = version or self.settings.versions.get(name) or on_disk[-1]
@@ -129,9 +153,11 @@ class ModelRepository:
             state = self._states.setdefault(name, ModelState(name))
             directory = self.root / name / str(version)
             loop = asyncio.get_running_loop()
+            started = time.perf_counter()
             try:
                 runtime = await loop.run_in_executor(self._loader, self._open, directory)
             except (PackageError, ModelLoadError) as error:
+                metrics.LOAD_FAILURES.labels(name).inc()
                 self._failed[name] = version
                 state.reason = f"version {version} failed to load: {error}"
                 log.error("model %s: %s", name, state.reason)
@@ -139,11 +165,20 @@ class ModelRepository:
             served = ServedModel(runtime, Batcher(runtime, self._batching))
             self._served[name] = served
             state.state, state.version, state.reason = "READY", version, ""
+            metrics.model_loaded(name, version, runtime.provider, runtime.package.manifest,
+                                 time.perf_counter() - started)
             if current is not None:
                 log.info("model %s: version %d takes over from %d", name, version,
                          current.version)
-                await current.batcher.close()
+                await self._release(current)
             return served
+
+    async def _release(self, served: ServedModel) -> None:
+        """Drains a version that no longer takes requests, then forgets it."""
+        await served.batcher.close()
+        runtime = served.runtime
+        metrics.model_released(runtime.name, runtime.version, runtime.provider,
+                               runtime.package.manifest)
 
     def _open(self, directory: Path) -> ModelRuntime:
         return load_runtime(load_package(directory), self.settings.provider, self._threads)
@@ -156,27 +191,48 @@ class ModelRepository:
             state = self._states.setdefault(name, ModelState(name))
             state.state, state.version, state.reason = "UNAVAILABLE", None, "unloaded"
             if served is not None:
-                await served.batcher.close()
+                await self._release(served)
                 log.info("model %s: version %d unloaded", name, served.version)
 
     # -- the API's load/unload: this worker, then the record every worker follows ------------
 
-    async def request_load(self, name: str, version: int | None) -> ServedModel:
+    async def request_load(self, name: str, version: int | None) -> tuple[ServedModel, bool]:
+        """Loads here, then records it for every worker; returns the served model and whether
+        the record was written (False: Redis is away, it will be written when it is back)."""
         served = await self.load(name, version)
         pinned = version is not None or name in self.settings.versions
-        self.control.update(name, True, served.version if pinned else None)
-        return served
+        return served, await self._record(name, True, served.version if pinned else None)
 
-    async def request_unload(self, name: str) -> None:
+    async def request_unload(self, name: str) -> bool:
         await self.unload(name)
-        self.control.update(name, False, None)
+        return await self._record(name, False, None)
+
+    async def _record(self, name: str, loaded: bool, version: int | None) -> bool:
+        self._pending[name] = (loaded, version)
+        return await self._flush_pending()
+
+    async def _flush_pending(self) -> bool:
+        for name, (loaded, version) in list(self._pending.items()):
+            try:
+                await self.control.update(name, loaded, version)
+            except ControlUnavailable as error:
+                log.warning("model %s: cannot record the change yet (%s)", name, error)
+                return False
+            if self._pending.get(name) == (loaded, version):
+                del self._pending[name]
+        return True
 
     # -- start, follow, stop ------------------------------------------------------------------
 
     async def start(self) -> None:
         """Loads the configured models (all on disk when none are named), then applies the
         control record over them."""
-        record = self.control.read()
+        try:
+            record = await self.control.read()
+        except ControlUnavailable as error:
+            log.error("control record unavailable at start (%s): serving the configured "
+                      "models until it is back", error)
+            record = ControlRecord()
         self._control_generation = record.generation
         names = self.settings.models or self.names_on_disk()
         for name in names:
@@ -195,13 +251,14 @@ class ModelRepository:
             log.error("%s", error.message)
 
     async def follow_control(self) -> None:
-        """Applies changes other workers recorded (one check)."""
+        """Brings this worker to the recorded state (one check): writes its own pending
+        changes first, then loads, swaps or unloads what differs from the record."""
+        if self._pending and not await self._flush_pending():
+            return  # our change is not recorded yet: the record would undo it
         try:
-            record = self.control.read()
-        except ValueError as error:
-            log.error("%s", error)
-            return
-        if record.generation <= self._control_generation:
+            record = await self.control.read()
+        except ControlUnavailable as error:
+            log.debug("control record unavailable: %s", error)
             return
         self._control_generation = record.generation
         for name, wanted in record.models.items():
@@ -209,12 +266,19 @@ class ModelRepository:
             if not wanted["loaded"]:
                 if served is not None:
                     await self.unload(name)
-            elif served is None or (wanted["version"] or self._latest(name)) != served.version:
+                continue
+            version = wanted["version"] or self._latest(name)
+            if version is None or self._failed.get(name) == version:
+                continue  # nothing on disk, or that version already failed here
+            if served is None or version != served.version:
                 await self._try_load(name, wanted["version"])
 
     async def poll_new_versions(self) -> None:
         """Loads a higher version of each served model whose version is not pinned (one scan)."""
-        record = self.control.read()
+        try:
+            record = await self.control.read()
+        except ControlUnavailable:
+            record = ControlRecord()
         for name, served in list(self._served.items()):
             pinned = (record.models.get(name, {}).get("version") is not None
                       or name in self.settings.versions)
@@ -231,3 +295,4 @@ class ModelRepository:
         for name in list(self._served):
             await self.unload(name)
         self._loader.shutdown(wait=False)
+        await self.control.close()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import uvicorn
 
-from .settings import ServiceSettings
+from .settings import MULTIPROCESS_DIR, ServiceSettings
 
 APP = "ctrserve.service.app:create_app"
 
@@ -34,6 +36,16 @@ def export_to_environment(settings: ServiceSettings) -> None:
 
 def serve(settings: ServiceSettings) -> int:
     export_to_environment(settings)
+    if settings.workers > 1:
+        # Every worker writes its metric samples here; /metrics merges them. Set before any
+        # worker imports prometheus_client (it reads the variable at import); a previous
+        # run's files would carry its counters over, so they go.
+        directory = Path(os.environ.get(MULTIPROCESS_DIR) or tempfile.mkdtemp(
+            prefix="ctrserve-metrics-"))
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        os.environ[MULTIPROCESS_DIR] = str(directory)
     uvicorn.run(APP, factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level)
     return 0

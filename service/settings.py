@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: prometheus-client's multiprocess directory variable (set for several workers).
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTRSERVE_", extra="ignore")
@@ -39,6 +42,10 @@ class ServiceSettings(BaseSettings):
     request_timeout_ms: int = 0
     #: Rows per request beyond which the request is refused (413).
     max_request_rows: int = 100_000
+    #: Request bodies beyond this many bytes are refused (413).
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: A request body must arrive within this many seconds (408 otherwise).
+    body_timeout_s: float = 30.0
 
     #: Bearer token required by the repository control routes (load, unload); empty: open.
     admin_token: str = ""
@@ -47,3 +54,12 @@ class ServiceSettings(BaseSettings):
     #: Seconds between checks of the control record other workers write (load/unload).
     control_interval_s: float = 0.5
     log_level: str = "info"
+
+    #: Redis for the online feature store and for rollout across replicas (empty: none; the
+    #: embedded store serves ranking from each feature view's source files).
+    redis_url: str = ""
+    redis_namespace: str = "ctrserve"
+    #: Limit on one request's feature reads (and on control reads and writes).
+    redis_timeout_ms: int = 100
+    #: Whether readiness requires Redis to answer.
+    redis_required: bool = False

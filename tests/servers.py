@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -77,3 +78,17 @@ class ServiceProcess:
 
     def __exit__(self, *_) -> None:
         self.stop()
+
+
+def request_rows(rows_file: Path) -> list[dict]:
+    """A file's rows as the scoring API takes them, labels dropped: missing values are sent as
+    null in even rows and left out in odd ones."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for index, record in enumerate(pq.read_table(rows_file).to_pylist()):
+        record.pop("label", None)
+        present = {k: v for k, v in record.items()
+                   if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        rows.append(present if index % 2 else {k: present.get(k) for k in record})
+    return rows

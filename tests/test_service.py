@@ -9,54 +9,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from servers import ServiceProcess
+from servers import ServiceProcess, request_rows
 
 from ctrserve.export.exporter import export_checkpoint
 from ctrserve.models.data import DataConfig
-from ctrserve.models.dlrm import ModelConfig
-from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
 from ctrserve.models.evaluate import evaluate
-from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
-from ctrserve.models.train import TrainConfig, fit
-from ctrserve.models.transform import TransformConfig
 
 SCORE = "/v1/models/ctr/score"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("service")
-    config = CriteoLikeConfig(n_rows=8000, cardinalities=(50, 400, 3000, 7, 6000), seed=5)
-    write_criteo_like(config, root / "data", progress=False)
-    data = DataConfig(path=str(root / "data" / "data.parquet"), format="parquet",
-                      spec_path=str(root / "data" / "spec.json"), split="random")
-    model = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
-        default=SchemeConfig("qr", min_rows=100, collisions=4)))
-    fit(data, model, TrainConfig(epochs=1, batch_size=256, progress=False), TransformConfig(),
-        str(root / "ckpt"))
-    repo = root / "repo"
-    export_checkpoint(root / "ckpt", repo, "ctr", log=lambda _: None)
-    rows_file = root / "rows.parquet"
-    pq.write_table(pq.read_table(data.path).slice(0, 300), rows_file)
-    return {"root": root, "repo": repo, "checkpoint": root / "ckpt", "data": data,
-            "rows_file": rows_file}
-
-
-def _request_rows(rows_file: Path) -> list[dict]:
-    """The file's rows as the API takes them: nulls sent as null in even rows, left out in odd."""
-    rows = []
-    for index, record in enumerate(pq.read_table(rows_file).to_pylist()):
-        record.pop("label")
-        if index % 2:
-            record = {k: v for k, v in record.items()
-                      if v is not None and not (isinstance(v, float) and np.isnan(v))}
-        else:
-            record = {k: (None if isinstance(v, float) and np.isnan(v) else v)
-                      for k, v in record.items()}
-        rows.append(record)
-    return rows
 
 
 def _offline(trained: dict, tmp_path: Path) -> np.ndarray:
@@ -80,7 +40,7 @@ async def _post_all(url: str, bodies: list[dict], limit: int = 200) -> list[http
 
 def test_http_scores_equal_the_offline_evaluation(trained, tmp_path):
     expected = _offline(trained, tmp_path)
-    rows = _request_rows(trained["rows_file"])
+    rows = request_rows(trained["rows_file"])
     columns = {name: [row.get(name) for row in rows] for name in rows[0]}
     with ServiceProcess(trained["repo"]) as server:
         by_rows = httpx.post(server.url + SCORE, json={"rows": rows}, timeout=60)
@@ -99,7 +59,7 @@ def test_http_scores_equal_the_offline_evaluation(trained, tmp_path):
 def test_concurrent_single_rows_are_batched_and_each_request_gets_its_own_rows(trained,
                                                                                tmp_path):
     expected = _offline(trained, tmp_path)
-    rows = _request_rows(trained["rows_file"])
+    rows = request_rows(trained["rows_file"])
     with ServiceProcess(trained["repo"], "--max-queue-delay-us", "20000") as server:
         before = _stats(server.url)
         single = asyncio.run(_post_all(server.url, [{"rows": [row]} for row in rows[:120]]))
@@ -126,7 +86,7 @@ def test_concurrent_single_rows_are_batched_and_each_request_gets_its_own_rows(t
 
 def test_requests_larger_than_a_batch_are_split_and_reassembled(trained, tmp_path):
     expected = _offline(trained, tmp_path)
-    rows = _request_rows(trained["rows_file"])
+    rows = request_rows(trained["rows_file"])
     with ServiceProcess(trained["repo"], "--max-batch-rows", "64") as server:
         response = httpx.post(server.url + SCORE, json={"rows": rows}, timeout=60)
         stats = _stats(server.url)
@@ -136,7 +96,7 @@ def test_requests_larger_than_a_batch_are_split_and_reassembled(trained, tmp_pat
 
 
 def test_a_full_queue_answers_503_with_retry_after(trained):
-    rows = _request_rows(trained["rows_file"])[:50]
+    rows = request_rows(trained["rows_file"])[:50]
     with ServiceProcess(trained["repo"], "--max-queue-rows", "100",
                         "--max-queue-delay-us", "300000") as server:
         responses = asyncio.run(_post_all(server.url, [{"rows": rows}] * 40))
@@ -149,7 +109,7 @@ def test_a_full_queue_answers_503_with_retry_after(trained):
 
 
 def test_a_slow_request_times_out_with_a_clear_error(trained):
-    rows = _request_rows(trained["rows_file"])[:2]
+    rows = request_rows(trained["rows_file"])[:2]
     with ServiceProcess(trained["repo"], "--request-timeout-ms", "50",
                         "--max-queue-delay-us", "400000", "--max-batch-rows", "100000") as server:
         response = httpx.post(server.url + SCORE, json={"rows": rows}, timeout=30)
@@ -175,7 +135,7 @@ def server(trained):
 ])
 def test_client_mistakes_are_400s_naming_the_column_and_row(trained, server, body, status,
                                                             message):
-    good = {"rows": _request_rows(trained["rows_file"])[:3]}
+    good = {"rows": request_rows(trained["rows_file"])[:3]}
     concurrent = asyncio.run(_post_all(server.url, [good] * 5))
     response = httpx.post(server.url + SCORE, content=body, timeout=30)
     unknown = httpx.post(server.url + "/v1/models/other/score", json=good, timeout=30)
@@ -190,7 +150,7 @@ def test_client_mistakes_are_400s_naming_the_column_and_row(trained, server, bod
 
 
 def test_a_bad_value_fails_only_its_own_request_in_a_shared_batch(trained, server):
-    rows = _request_rows(trained["rows_file"])[:4]
+    rows = request_rows(trained["rows_file"])[:4]
     bad = [*rows[:2], {**rows[2], "C1": "not-a-number"}]
     before = _stats(server.url)
     responses = asyncio.run(_post_all(server.url, [{"rows": rows}, {"rows": bad},
@@ -210,7 +170,7 @@ def test_openapi_documents_the_score_route_with_examples(server):
 
 
 def test_batching_can_be_switched_off(trained):
-    rows = _request_rows(trained["rows_file"])
+    rows = request_rows(trained["rows_file"])
     with ServiceProcess(trained["repo"], "--no-batching") as server:
         responses = asyncio.run(_post_all(server.url, [{"rows": [row]} for row in rows[:40]]))
         stats = _stats(server.url)
@@ -221,7 +181,7 @@ def test_batching_can_be_switched_off(trained):
 def test_polling_serves_a_new_version_without_a_call(trained, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(trained["repo"], repo)
-    body = {"rows": _request_rows(trained["rows_file"])[:2]}
+    body = {"rows": request_rows(trained["rows_file"])[:2]}
     with ServiceProcess(repo, "--poll-interval-s", "0.2") as server:
         assert httpx.post(server.url + SCORE, json=body).json()["version"] == 1
         export_checkpoint(trained["checkpoint"], repo, "ctr", version=2, log=lambda _: None)
@@ -274,7 +234,7 @@ def test_hot_swap_under_load_fails_no_request_and_a_broken_version_leaves_the_ol
         trained, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(trained["repo"], repo)
-    body = {"rows": _request_rows(trained["rows_file"])[:20]}
+    body = {"rows": request_rows(trained["rows_file"])[:20]}
     with ServiceProcess(repo) as server, _SteadyLoad(server.url, body) as load:
         _wait_for(lambda: len(load.answers) > 20)
         export_checkpoint(trained["checkpoint"], repo, "ctr", version=2, log=lambda _: None)
@@ -307,7 +267,7 @@ def test_load_and_unload_through_one_worker_take_effect_in_both(trained, tmp_pat
     repo = tmp_path / "repo"
     shutil.copytree(trained["repo"], repo)
     export_checkpoint(trained["checkpoint"], repo, "ctr", version=2, log=lambda _: None)
-    body = {"rows": _request_rows(trained["rows_file"])[:2]}
+    body = {"rows": request_rows(trained["rows_file"])[:2]}
     token = {"Authorization": "Bearer s3cret"}
 
     def answers(count: int = 24) -> set:
@@ -340,7 +300,7 @@ def test_load_and_unload_through_one_worker_take_effect_in_both(trained, tmp_pat
 
 def test_the_service_runs_without_torch(trained):
     block = "import sys\nsys.modules['torch'] = None  # any import of torch now fails"
-    rows = _request_rows(trained["rows_file"])[:5]
+    rows = request_rows(trained["rows_file"])[:5]
     with ServiceProcess(trained["repo"], python_prefix=block) as server:
         response = httpx.post(server.url + SCORE, json={"rows": rows}, timeout=60)
     assert response.status_code == 200, response.text
