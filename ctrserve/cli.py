@@ -212,6 +212,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--intra-op-threads", type=int)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--max-request-rows", type=int, help="more rows in a request get 413")
     parser.add_argument("--max-body-bytes", type=int, help="larger bodies get 413")
     parser.add_argument("--body-timeout-s", type=float,
                         help="a body must arrive within this time (408 otherwise)")

@@ -128,5 +128,6 @@ def versions(model_directory: str | Path) -> list[int]:
         return []
     return sorted(
         int(child.name) for child in model_directory.iterdir()
-        if child.is_dir() and child.name.isdigit() and int(child.name) > 0
+        if child.is_dir() and child.name.isascii() and child.name.isdigit()
+        and int(child.name) > 0
     )

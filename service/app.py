@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from . import metrics
 from .errors import BadRequest, ServiceError, Unauthorized
 from .friendly import decode_score_request, parse_json
-from .limits import BodyLimitMiddleware
+from .limits import BodyLimitMiddleware, RequestLedger
 from .ranking import Ranker
 from .repository import ModelRepository
 from .settings import ServiceSettings
@@ -72,6 +72,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repository = ModelRepository(settings)
     ranker = Ranker(repository, settings)
+    ledger = RequestLedger()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +89,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         for task in tasks:
             task.cancel()
         await repository.stop()
+        log.info("requests with a body: %d accepted, %d answered", ledger.accepted,
+                 ledger.answered)
         await ranker.close()
         metrics.process_exited()
 
@@ -96,7 +99,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.repository = repository
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, ledger=ledger)
     app.add_middleware(metrics.MetricsMiddleware)
 
     @app.exception_handler(ServiceError)

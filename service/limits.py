@@ -9,6 +9,7 @@ request whose body the app has read is one it answers.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import orjson
 
@@ -22,11 +23,22 @@ async def _reply(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+@dataclass
+class RequestLedger:
+    """Requests whose body the app received (``accepted``) and those it finished answering
+    (``answered``); the service logs both at shutdown, when they must agree."""
+
+    accepted: int = 0
+    answered: int = 0
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float,
+                 ledger: RequestLedger) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.ledger = ledger
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -67,4 +79,10 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: wait for the disconnect, as usual
 
-        await self.app(scope, replay, send)
+        async def counted_send(message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.ledger.answered += 1
+
+        self.ledger.accepted += 1
+        await self.app(scope, replay, counted_send)

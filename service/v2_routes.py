@@ -45,7 +45,7 @@ def register_v2_routes(app: FastAPI, repository: ModelRepository,
     def lookup(name: str, version: str | None) -> ServedModel:
         number = None
         if version is not None:
-            if not version.isdigit() or int(version) < 1:
+            if not (version.isascii() and version.isdigit()) or int(version) < 1:
                 raise NotFound(f"model {name!r} has no version {version!r}")
             number = int(version)
         try:
