@@ -213,6 +213,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intra-op-threads", type=int)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--max-request-rows", type=int, help="more rows in a request get 413")
+    parser.add_argument("--max-concurrency", type=int,
+                        help="connections + requests per worker before an immediate 503")
     parser.add_argument("--max-body-bytes", type=int, help="larger bodies get 413")
     parser.add_argument("--body-timeout-s", type=float,
                         help="a body must arrive within this time (408 otherwise)")

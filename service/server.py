@@ -47,5 +47,6 @@ def serve(settings: ServiceSettings) -> int:
             stale.unlink()
         os.environ[MULTIPROCESS_DIR] = str(directory)
     uvicorn.run(APP, factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level)
+                workers=settings.workers, log_level=settings.log_level,
+                limit_concurrency=settings.max_concurrency or None)
     return 0

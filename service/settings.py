@@ -42,6 +42,10 @@ class ServiceSettings(BaseSettings):
     request_timeout_ms: int = 0
     #: Rows per request beyond which the request is refused (413).
     max_request_rows: int = 100_000
+    #: Connections plus running requests per worker beyond which uvicorn answers 503 at once,
+    #: before reading the body (0: no limit). Sheds load when parsing, not inference, is the
+    #: bottleneck.
+    max_concurrency: int = 0
     #: Request bodies beyond this many bytes are refused (413).
     max_body_bytes: int = 64 * 1024 * 1024
     #: A request body must arrive within this many seconds (408 otherwise).
