@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv and installs ctrserve with its training and test extras, pinned by
 # requirements/constraints.txt (a CPU build of torch), plus the servers the tests start
-# (redis-server, nginx, prometheus) from Debian packages when they are missing. Safe to run again.
+# (redis-server, nginx, prometheus) and docker-compose (to validate the compose file, no engine
+# needed) from Debian packages when they are missing. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in redis-server:redis-server nginx:nginx prometheus:prometheus; do
+for tool in redis-server:redis-server nginx:nginx prometheus:prometheus \
+        docker-compose:docker-compose; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
