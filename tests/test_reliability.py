@@ -290,3 +290,28 @@ def test_the_binary_v2_codec_refuses_what_it_cannot_read_with_a_client_error(bod
     else:
         assert features.sparse.shape == (features.rows, 2)
         assert (features.sparse >= 0).all() and (features.sparse < [5, 7]).all()
+
+
+@pytest.mark.parametrize("damage", ["deleted model file", "truncated model file",
+                                    "unknown format_version"])
+def test_a_damaged_new_version_leaves_the_old_one_serving(trained, tmp_path, damage):
+    from ctrserve.export.exporter import export_checkpoint
+
+    repo = tmp_path / "repo"
+    shutil.copytree(trained["repo"], repo)
+    new = export_checkpoint(trained["checkpoint"], repo, "ctr", version=2, log=lambda _: None)
+    if damage == "deleted model file":
+        (new / "model.onnx").unlink()
+    elif damage == "truncated model file":
+        (new / "model.onnx").write_bytes((new / "model.onnx").read_bytes()[:1000])
+    else:
+        manifest = json.loads((new / "manifest.json").read_text())
+        (new / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    body = {"rows": request_rows(trained["rows_file"])[:4]}
+    with ServiceProcess(repo, env={"CTRSERVE_VERSIONS": '{"ctr": 1}'}) as server:
+        refused = httpx.post(server.url + "/v2/repository/models/ctr/load",
+                             json={"parameters": {"version": 2}}, timeout=60)
+        served = [httpx.post(server.url + SCORE, json=body) for _ in range(5)]
+    print(f"{damage}: load answered {refused.status_code} {refused.json()['error'][:120]}")
+    assert refused.status_code == 400 and "version 2 failed to load" in refused.json()["error"]
+    assert [(r.status_code, r.json()["version"]) for r in served] == [(200, 1)] * 5
