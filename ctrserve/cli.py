@@ -179,6 +179,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where data, checkpoint and model repository go")
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--entity-rows", type=int, default=100_000,
+                        help="interactions for the ranking model")
     parser.add_argument("--rebuild", action="store_true",
                         help="build the package again even if it exists")
     parser.add_argument("--once", action="store_true",
@@ -191,7 +193,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
     return run(args.workdir, args.rows, args.epochs, args.rebuild, args.once, args.host,
-               args.port)
+               args.port, args.entity_rows)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

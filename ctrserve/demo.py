@@ -1,5 +1,6 @@
 """The end-to-end demo on an embedded default: build the demo model package if it is missing
-(generate data, train, evaluate, export, inspect), then serve it.
+(generate data, train, evaluate, export, inspect) and a ranking model over generated users and
+items whose features the embedded store joins, then serve both.
 
 The demo model is fixed (README documents it): Criteo-shaped data with Criteo Kaggle's 26 table
 sizes scaled down 100x, D=16, bottom MLP 13-512-256-64-16, top MLP 512-256-1, quotient-remainder
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 import socket
 import urllib.request
 from pathlib import Path
@@ -35,6 +37,22 @@ DEMO_MODEL = {
     },
 }
 SHOWN_ROWS = 5
+RANK_NAME = "rank"
+#: The ranking demo: users, items and their interactions (``ctrserve generate entity``).
+RANK_MODEL = {
+    "kind": "dlrm", "dim": 16, "bottom": [64], "top": [64],
+    "embeddings": {"default": {"scheme": "qr", "collisions": 4, "min_rows": 200}},
+}
+RANK_VIEW = {
+    "entities": {
+        "user": {"key_column": "user_id", "source": "users.parquet",
+                 "columns": ["age_bucket", "gender", "occupation", "tenure_days"]},
+        "item": {"key_column": "item_id", "source": "items.parquet",
+                 "columns": ["genre", "year", "price", "price_bucket"]},
+    },
+    "context": ["hour", "device"],
+    "defaults": {"gender": "unknown"},
+}
 
 
 def ensure_data(directory: Path, rows: int, seed: int = 0) -> dict:
@@ -83,6 +101,38 @@ def build_package(root: Path, rows: int, epochs: int) -> Path:
                              overwrite=True)
 
 
+def build_rank_package(root: Path, rows: int, epochs: int) -> Path:
+    """Users x items interactions -> a ranking model with a feature view whose embedded store
+    reads the users and items tables."""
+    import pyarrow.parquet as pq
+
+    from ctrserve.export.exporter import export_checkpoint
+    from ctrserve.models.data import DataConfig
+    from ctrserve.models.dlrm import ModelConfig
+    from ctrserve.models.generate import EntityConfig, write_entities
+    from ctrserve.models.train import TrainConfig, fit
+    from ctrserve.models.transform import TransformConfig
+
+    data_dir = root / "entity-data"
+    write_entities(EntityConfig(n_users=2000, n_items=500, n_rows=rows), data_dir)
+    joined = (pq.read_table(data_dir / "interactions.parquet")
+              .join(pq.read_table(data_dir / "users.parquet"), "user_id")
+              .join(pq.read_table(data_dir / "items.parquet"), "item_id"))
+    pq.write_table(joined, data_dir / "joined.parquet")
+    data = DataConfig(path=str(data_dir / "joined.parquet"), format="parquet",
+                      spec_path=str(data_dir / "spec.json"), split="random")
+    result = fit(data, ModelConfig.from_dict(RANK_MODEL),
+                 TrainConfig(epochs=epochs, batch_size=512, progress=False), TransformConfig(),
+                 str(root / "rank-checkpoint"))
+    print(f"ranking model: test AUC {result['metrics']['test']['auc']:.4f}")
+    package = export_checkpoint(root / "rank-checkpoint", root / "repo", RANK_NAME,
+                                version=DEMO_VERSION, overwrite=True, log=lambda _: None)
+    for table in ("users.parquet", "items.parquet"):
+        shutil.copy(data_dir / table, package.parent / table)
+    (package.parent / "feature_view.json").write_text(json.dumps(RANK_VIEW, indent=2) + "\n")
+    return package
+
+
 def _package_ready(package: Path) -> bool:
     try:
         load_package(package)
@@ -108,14 +158,18 @@ def sample_rows(data_file: Path, count: int) -> list[dict]:
     return rows
 
 
-def score_over_http(url: str, rows: list[dict]) -> dict:
-    request = urllib.request.Request(url, data=json.dumps({"rows": rows}).encode(),
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
 
-async def _serve_once(settings, rows: list[dict]) -> dict:
+RANK_EXAMPLE = {"entities": {"user": "u42"}, "context": {"hour": 20, "device": "ios"},
+                "candidates": [{"item": "i7"}, {"item": "i19"}, {"item": "i404"}]}
+
+
+async def _serve_once(settings, rows: list[dict]) -> tuple[dict, dict]:
     import uvicorn
 
     from ctrserve.service.app import create_app
@@ -130,15 +184,17 @@ async def _serve_once(settings, rows: list[dict]) -> dict:
             await asyncio.sleep(0.1)
         if not server.started:
             raise RuntimeError("the server did not start")
-        url = f"http://{settings.host}:{settings.port}/v1/models/{DEMO_NAME}/score"
-        return await asyncio.to_thread(score_over_http, url, rows)
+        base = f"http://{settings.host}:{settings.port}/v1/models"
+        scored = await asyncio.to_thread(post_json, f"{base}/{DEMO_NAME}/score", {"rows": rows})
+        ranked = await asyncio.to_thread(post_json, f"{base}/{RANK_NAME}/rank", RANK_EXAMPLE)
+        return scored, ranked
     finally:
         server.should_exit = True
         await task
 
 
 def run(workdir: str, rows: int, epochs: int, rebuild: bool = False, once: bool = False,
-        host: str = "127.0.0.1", port: int = 8000) -> int:
+        host: str = "127.0.0.1", port: int = 8000, entity_rows: int = 100_000) -> int:
     from ctrserve.service.server import serve
     from ctrserve.service.settings import ServiceSettings
 
@@ -152,18 +208,28 @@ def run(workdir: str, rows: int, epochs: int, rebuild: bool = False, once: bool 
     print(f"'ctrserve inspect {package}':\n{report}")
     if not intact:
         return 1
-    settings = ServiceSettings(repo=root / "repo", models=[DEMO_NAME], host=host,
+    rank_package = root / "repo" / RANK_NAME / str(DEMO_VERSION)
+    if rebuild or not _package_ready(rank_package):
+        build_rank_package(root, entity_rows, epochs)
+    settings = ServiceSettings(repo=root / "repo", models=[DEMO_NAME, RANK_NAME], host=host,
                                port=port or free_port(host))
     if not once:
         print(f"serving on http://{settings.host}:{settings.port} (docs at /docs); try:\n"
               f"  curl -X POST http://{settings.host}:{settings.port}/v1/models/{DEMO_NAME}/"
-              "score -d '{\"rows\": [{\"I1\": 3, \"C1\": 17}]}'")
+              "score -d '{\"rows\": [{\"I1\": 3, \"C1\": 17}]}'\n"
+              f"  curl -X POST http://{settings.host}:{settings.port}/v1/models/{RANK_NAME}/"
+              f"rank -d '{json.dumps(RANK_EXAMPLE)}'")
         return serve(settings)
     shown = sample_rows(root / "data" / "data.parquet", SHOWN_ROWS)
-    answer = asyncio.run(_serve_once(settings, shown))
+    answer, ranked = asyncio.run(_serve_once(settings, shown))
     print(f"POST /v1/models/{DEMO_NAME}/score with {len(shown)} rows -> "
           f"model {answer['model']} version {answer['version']}")
     for row, probability in zip(shown, answer["probabilities"], strict=True):
         features = ", ".join(f"{k}={v}" for k, v in list(row.items())[:4])
         print(f"  p(click) = {probability:.4f}   ({features}, ...)")
+    print(f"POST /v1/models/{RANK_NAME}/rank for user u42 (features joined from the embedded "
+          "store):")
+    for candidate, probability in zip(RANK_EXAMPLE["candidates"], ranked["probabilities"],
+                                      strict=True):
+        print(f"  item {candidate['item']}: p(click) = {probability:.4f}")
     return 0

@@ -273,7 +273,7 @@ def test_export_cli_reports_a_taken_version_without_a_traceback(package, tmp_pat
 def test_demo_runs_generate_train_export_inspect(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ctrserve", "demo", "--workdir", str(tmp_path), "--rows", "15000",
-         "--epochs", "1", "--once", "--port", "0"],
+         "--epochs", "1", "--once", "--port", "0", "--entity-rows", "5000"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -281,7 +281,8 @@ def test_demo_runs_generate_train_export_inspect(tmp_path):
     package = load_package(tmp_path / "repo" / "demo" / "1")
     assert package.manifest["parity"]["passed"]
     assert {t["scheme"] for t in package.manifest["tables"]} == {"full", "qr"}
-    assert result.stdout.count("p(click) = ") == 5
+    assert result.stdout.count("p(click) = ") == 5 + 3  # scored rows, ranked candidates
+    assert load_package(tmp_path / "repo" / "rank" / "1").manifest["parity"]["passed"]
 
 
 def test_large_models_keep_their_tensors_in_an_external_data_file(data, tmp_path, monkeypatch):
