@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The accuracy-versus-memory report: every scheme at 1/2 ... 1/64 of the full tables' bytes,
+# 3 seeds, on Frappe, the Criteo 8k sample and generated Criteo-shaped data.
+# Run from the project root; the real samples live in ../shared/data (never committed).
+# Cells are cached in runs/bench/<name>/cells: an interrupted run resumes where it stopped, and
+# one cell is trained again by adding e.g. `--rerun hash:1/4:0` to its data set's command.
+set -euo pipefail
+S=../shared/data
+BENCH=(.venv/bin/ctrserve bench accuracy --seeds 0,1,2 --jobs 2)
+
+time "${BENCH[@]}" --name "Criteo 8k sample" --out docs/accuracy/criteo8k \
+  --cache runs/bench/criteo8k/cells \
+  --data $S/criteo/criteo_kaggle_8k.tsv --fractions 0.72,0.08,0.2 \
+  --dim 16 --bottom 64 --top 64 --epochs 3 --batch-size 128
+
+time "${BENCH[@]}" --name Frappe --out docs/accuracy/frappe --cache runs/bench/frappe/cells \
+  --data $S/frappe/frappe.validation.libfm --test-data $S/frappe/frappe.test.libfm \
+  --split random --dim 16 --top 256,128 --epochs 3 --pep-keep 0.1
+
+.venv/bin/ctrserve generate criteo --scale 2000 --rows 150000 --seed 0 --out runs/bench/generated
+time "${BENCH[@]}" --name "generated (Criteo sizes / 2000)" --out docs/accuracy/generated \
+  --cache runs/bench/generated/cells \
+  --data runs/bench/generated/data.parquet --spec runs/bench/generated/spec.json \
+  --split random --dim 16 --bottom 64 --top 64 --epochs 1 --lr 0.003

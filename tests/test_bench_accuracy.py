@@ -1,0 +1,113 @@
+"""The accuracy benchmark: budgets fitted in closed form, and a smoke run of the command."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ctrserve.cli import main
+from ctrserve.models.bench_accuracy import SCHEMES
+from ctrserve.models.budget import fit_budget, fit_pep_keep, full_bytes
+from ctrserve.models.embeddings import build_tables
+from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
+
+NAMES = ["a", "b", "c", "d", "e"]
+SIZES = [3, 40, 700, 5000, 12]
+DIM = 8
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if SCHEMES[s].scheme != "pep"])
+@pytest.mark.parametrize("fraction", [1 / 2, 1 / 4, 1 / 16, 1 / 64])
+def test_fitted_bytes_are_the_built_tables_bytes_and_within_the_budget(scheme, fraction):
+    budget = int(full_bytes(SIZES, DIM) * fraction)
+    fitted = fit_budget(SCHEMES[scheme], NAMES, SIZES, DIM, budget)
+    if not fitted.reachable:
+        assert fitted.bytes > budget and fitted.reason
+        return
+    assert fitted.embeddings is not None
+    tables = build_tables(NAMES, SIZES, DIM, fitted.embeddings)
+    assert sum(t.inference_bytes() for t in tables) == fitted.bytes <= budget
+
+
+def test_reachability_follows_each_schemes_floor():
+    budget = full_bytes(SIZES, DIM) // 16
+    reachable = {name: fit_budget(base, NAMES, SIZES, DIM, budget).reachable
+                 for name, base in SCHEMES.items()}
+    # int8 stores 8 + 8 bytes of a 32-byte row, fp16 half of it; LMA's 4-byte signature per row
+    # caps it under 8x at D = 8; PEP's offsets and mask bits take 5 of 32 bytes a row.
+    assert reachable == {"full": False, "hash": True, "qr-mult": True, "qr-concat": True,
+                         "kpart3": True, "pep-field-dim": False, "pep-feature-dim": False,
+                         "lma": False, "robe": True, "int8": False, "fp16": False}
+    assert "offsets and mask bits" in fit_budget(SCHEMES["pep-field-dim"], NAMES, SIZES, DIM,
+                                                 budget).reason
+
+
+@pytest.mark.parametrize("fraction", [1 / 3, 1 / 8, 1 / 50])
+def test_hash_takes_the_most_bytes_under_the_budget(fraction):
+    budget = int(full_bytes(SIZES, DIM) * fraction)
+    best = max(
+        total for cap in range(1, max(SIZES) + 1)
+        if (total := sum(4 * DIM * n if n <= cap else 4 * DIM * cap + 8 for n in SIZES))
+        <= budget
+    )
+    assert fit_budget(SCHEMES["hash"], NAMES, SIZES, DIM, budget).bytes == best
+
+
+def test_pep_keeps_what_the_budget_leaves_after_its_index_data():
+    budget = full_bytes(SIZES, DIM) // 4
+    fitted = fit_budget(SCHEMES["pep-field-dim"], NAMES, SIZES, DIM, budget)
+    assert fitted.embeddings is not None
+    keep = fitted.embeddings.default.pep_keep
+    # One more value would not fit: 4 bytes a value.
+    assert budget - 4 < fitted.bytes <= budget
+    assert fit_pep_keep(SCHEMES["pep-field-dim"], SIZES, DIM, keep).bytes == fitted.bytes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    write_criteo_like(CriteoLikeConfig(n_rows=3000, cardinalities=(50, 400, 3000, 7), seed=1),
+                      out, progress=False)
+    return out
+
+
+def bench(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", "accuracy", "--data", str(data / "data.parquet"), "--spec",
+            str(data / "spec.json"), "--split", "random", "--out", str(out), "--budgets", "1/4",
+            "--seeds", "0", "--schemes", "full,hash,qr-mult,pep-field-dim,int8", "--dim", "8",
+            "--bottom", "16", "--top", "16", "--epochs", "1", "--drift", "0.2", *extra]
+
+
+def test_smoke_bench_writes_consistent_reports_and_reuses_its_cache(tiny, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(bench(tiny, out)) == 0
+    assert "4 trainings" in capsys.readouterr().out
+    assert (out / "auc_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["scheme"]: row for row in report["rows"]}
+    assert rows["full"]["bytes"]["mean"] == report["full_bytes"]
+    for scheme in ("hash", "qr-mult", "pep-field-dim"):
+        row = rows[scheme]
+        assert row["reachable"] and row["budget_bytes"] == report["full_bytes"] // 4
+        assert row["bytes"]["max"] <= row["budget_bytes"]
+        assert 0 < row["auc"]["mean"] < 1
+    assert rows["pep-field-dim"]["parameters"]["max"] < report["full_bytes"] // 4 // 4
+    assert not rows["int8"]["reachable"] and "50.0% of the full tables" in rows["int8"]["reason"]
+    markdown = (out / "report.md").read_text()
+    assert "| int8 | 1/4 | unreachable: " in markdown
+    assert all(f"| {scheme} | " in markdown for scheme in rows)
+
+    cells = sorted((out / "cells").rglob("*.json"))
+    assert len(cells) == 4
+    stamps = [os.stat(cell).st_mtime_ns for cell in cells]
+    assert main(bench(tiny, out)) == 0
+    assert "0 trainings" in capsys.readouterr().out
+    assert [os.stat(cell).st_mtime_ns for cell in cells] == stamps
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+
+    assert main(bench(tiny, out, "--rerun", "hash:1/4")) == 0
+    assert "1 trainings" in capsys.readouterr().out
+    # A changed configuration is not served from the cache.
+    assert main(bench(tiny, out, "--epochs", "2", "--schemes", "qr-mult")) == 0
+    assert "1 trainings" in capsys.readouterr().out
