@@ -1,0 +1,260 @@
+"""Server processes for benchmarks: the service, the parse-only app, and a server that does no
+work (nginx ``return 200``, or the Python null server where nginx is absent). Each runs on a free
+loopback port, pinned to a core with ``taskset`` when asked, in its own process group; waits are
+bounded and stopping is by process group id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    if cpu is None:
+        return command
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise RuntimeError("taskset is not installed (util-linux): cannot pin the server")
+    return [taskset, "-c", str(cpu), *command]
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User plus system CPU seconds of every live process in the process group."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident set size of one process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def group_resident_bytes(pgid: int) -> int:
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) == pgid:
+                total += resident_bytes(int(entry))
+        except (OSError, ProcessLookupError):
+            continue
+    return total
+
+
+class ServerProcess:
+    """A command serving HTTP on ``self.port``; a context manager (started and ready inside)."""
+
+    kind = "server"
+    ready_path = "/"
+
+    def __init__(self, command: list[str], cpu: int | None = None,
+                 env: dict[str, str] | None = None, log_dir: str | Path | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.cpu = cpu
+        log_dir = Path(log_dir or tempfile.gettempdir())
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.kind}-{self.port}.log"
+        self.command = pinned(command, cpu)
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.started = self.ready_at = 0.0
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=self.env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Seconds from start until ``ready_path`` answered 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited ({self.process.returncode}):\n"
+                                   f"{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as answer:
+                    if answer.status == 200:
+                        self.ready_at = time.monotonic()
+                        return self.ready_at - self.started
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} was not ready within {timeout} s:\n{self.log()}")
+
+    def cpu_seconds(self) -> float:
+        return group_cpu_seconds(self.pid)
+
+    def resident_bytes(self) -> int:
+        return group_resident_bytes(self.pid)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+class ServiceServer(ServerProcess):
+    """``ctrserve serve`` with one model version, one worker and one ONNX Runtime thread."""
+
+    kind = "service"
+    ready_path = "/v2/health/ready"
+
+    def __init__(self, package: str | Path, flags: list[str] | tuple[str, ...] = (),
+                 cpu: int | None = None, log_dir: str | Path | None = None,
+                 threads: int = 1) -> None:
+        package = Path(package).resolve()
+        port = free_port()
+        command = [sys.executable, "-m", "ctrserve", "serve", "--repo", str(package.parents[1]),
+                   "--model", package.parent.name, "--host", HOST, "--port", str(port),
+                   "--intra-op-threads", str(threads), "--log-level", "warning", *flags]
+        env = {"CTRSERVE_VERSIONS": f'{{"{package.parent.name}": {int(package.name)}}}'}
+        super().__init__(command, cpu, env, log_dir, port)
+        self.model = package.parent.name
+
+
+class ParseOnlyServer(ServerProcess):
+    """``loadtest/parse_only.py``: the same routes, parsing only."""
+
+    kind = "parse-only"
+    ready_path = "/v2/health/ready"
+
+    def __init__(self, package: str | Path, cpu: int | None = None,
+                 log_dir: str | Path | None = None) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "ctrserve.loadtest.parse_only", "--package",
+                   str(Path(package).resolve()), "--host", HOST, "--port", str(port)]
+        super().__init__(command, cpu, None, log_dir, port)
+
+
+class NullServer(ServerProcess):
+    """The Python null server (``loadtest/null_server.py``)."""
+
+    kind = "null-server"
+
+    def __init__(self, cpu: int | None = None, log_dir: str | Path | None = None) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "ctrserve.loadtest.null_server", "--host", HOST,
+                   "--port", str(port)]
+        super().__init__(command, cpu, None, log_dir, port)
+
+
+NGINX_CONFIG = """worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_max_body_size 64m;
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{ return 200 '{{}}'; }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+
+
+class NginxServer(ServerProcess):
+    """nginx, one worker process, answering ``200 {}`` to every request (``return 200``)."""
+
+    kind = "nginx"
+
+    def __init__(self, cpu: int | None = None, log_dir: str | Path | None = None) -> None:
+        binary = nginx_binary()
+        if binary is None:
+            raise RuntimeError("nginx is not installed (apt-get install -y nginx)")
+        port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="ctrserve-nginx-"))
+        config = self.root / "nginx.conf"
+        config.write_text(NGINX_CONFIG.format(root=self.root, host=HOST, port=port))
+        command = [binary, "-c", str(config), "-p", str(self.root), "-e", str(self.root /
+                                                                          "error.log")]
+        super().__init__(command, cpu, None, log_dir, port)
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def no_work_server(cpu: int | None = None, log_dir: str | Path | None = None) -> ServerProcess:
+    """nginx where installed, else the Python null server."""
+    if nginx_binary() is not None:
+        return NginxServer(cpu, log_dir)
+    return NullServer(cpu, log_dir)

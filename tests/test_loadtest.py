@@ -1,0 +1,193 @@
+"""Load tests and the serving benchmark, in smoke versions: the driver for a few seconds against
+real servers, locust headless in a subprocess (importing locust here would monkey-patch the test
+process through gevent), and the generator's open loop against a deliberately slow server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from servers import ServiceProcess
+
+from ctrserve.loadtest import load
+from ctrserve.loadtest.driver import summarise_profile
+from ctrserve.loadtest.payloads import RowPool, candidate_counts
+from ctrserve.loadtest.servers import ServerProcess
+from ctrserve.models.schema import RawBatch
+from ctrserve.service.friendly import decode_score_request
+from ctrserve.service.v2_codec import HEADER_LENGTH, ModelSchema, decode_infer_request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _package(trained: dict) -> Path:
+    return trained["repo"] / "ctr" / "1"
+
+
+def _ordered(latency: dict) -> bool:
+    keys = ["p50", "p90", "p99", "p99.9", "max"]
+    return all(latency[a] <= latency[b] for a, b in itertools.pairwise(keys))
+
+
+def test_every_api_body_carries_the_same_rows(trained):
+    pool = RowPool(_package(trained), rows=512, data=trained["rows_file"])
+    index = pool.window(290, 20)  # wraps around the 300 rows of the file
+    binary = pool.body("v2-binary", index)
+    schema = ModelSchema.of(pool.transform)
+    decoded = decode_infer_request(binary.data, binary.headers[HEADER_LENGTH], schema, 1000)
+    assert decoded.binary_output and binary.rows == 20
+    np.testing.assert_array_equal(decoded.features.sparse, pool.sparse[index])
+    np.testing.assert_array_equal(decoded.features.dense, pool.dense[index])
+    for api in ("columns", "rows"):
+        body = pool.body(api, index)
+        features = decode_score_request(body.data, pool.transform, 1000)
+        transformed = pool.transform.transform(RawBatch(
+            labels=None, dense=features.dense_columns,
+            categorical=features.categorical_columns))
+        np.testing.assert_array_equal(transformed.sparse, pool.sparse[index])
+        np.testing.assert_allclose(transformed.dense, pool.dense[index])
+    synthesised = RowPool(_package(trained), rows=2000)
+    assert (synthesised.sparse != 1).mean() > 0.9  # values the vocabulary knows, not OOV
+    assert 0 < (synthesised.sparse == 0).mean() < 0.2  # a few missing
+    counts = candidate_counts(np.random.default_rng(0), 20000)
+    assert 240 < counts.mean() < 300 and np.median(counts) < counts.mean()  # long tail
+
+
+SLOW_SERVER = textwrap.dedent("""
+    import asyncio, sys
+    lock = None
+    async def handle(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            length = 0
+            for line in head.split(b"\\r\\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            async with lock:  # one request at a time, 50 ms each: 20 requests/s at most
+                await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
+    async def main():
+        global lock
+        lock = asyncio.Lock()
+        server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+        await server.serve_forever()
+    asyncio.run(main())
+""")
+
+
+class _SlowServer(ServerProcess):
+    kind = "slow"
+
+    def __init__(self, log_dir: Path) -> None:
+        from ctrserve.loadtest.servers import free_port
+
+        port = free_port()
+        super().__init__([sys.executable, "-c", SLOW_SERVER, str(port)], None, None, log_dir,
+                         port)
+
+
+def test_open_loop_times_latency_from_the_schedule_not_the_send(trained, tmp_path):
+    pool = RowPool(_package(trained), rows=64)
+    bodies = pool.bodies("v2-binary", 4, 8)
+    with _SlowServer(tmp_path) as server:
+        closed = load.run(lambda: load.closed_loop(server.url, bodies, 1, 1.0, 0.2))
+        # Twice what the server can do: the queue grows for the whole run, and the latency
+        # seen from each scheduled send time shows it.
+        opened = load.run(lambda: load.open_loop(server.url, bodies, 40.0, 2.0, 0.0))
+    assert closed.errors == {} and 45 < closed.latency_ms["p50"] < 150
+    assert 16 <= closed.req_per_s <= 21
+    assert opened.sent == opened.ok + opened.error_count and opened.errors == {}
+    assert opened.req_per_s < 25  # the server's capacity, not the offered 40/s
+    assert opened.latency_ms["p99"] > 10 * closed.latency_ms["p50"]  # > 0.5 s of queueing
+    assert _ordered(opened.latency_ms) and opened.send_lag_ms["p99"] < 100
+
+
+def test_bench_serve_smoke_against_real_servers(trained, tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "ctrserve", "bench", "serve", "--package",
+               str(_package(trained)), "--data", str(trained["rows_file"]), "--out", str(out),
+               "--experiments", "ceiling,generator,closed,open", "--batching", "on",
+               "--rows", "32", "--open-rows", "27", "--apis", "v2-binary,columns",
+               "--concurrency", "4", "--single-clients", "16", "--open-concurrency", "4",
+               "--fractions", "0.5", "--refine-steps", "0", "--duration", "0.8",
+               "--warmup", "0.3", "--ceiling-seconds", "0.2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    experiments = results["experiments"]
+    if (os.cpu_count() or 1) >= 2:
+        assert "pinned to core 0" in results["machine"]["pinning"]
+
+    ceiling = {(r["what"], r["rows"]): r["rows_per_s"] for r in experiments["ceiling"]}
+    assert set(ceiling) == {(w, n) for w in ("session", "transform + session")
+                            for n in (1, 27, 32)}
+    assert all(v > 0 for v in ceiling.values())
+
+    runs = [*experiments["generator"], *experiments["closed"],
+            *experiments["open"]["sustained"], *experiments["open"]["poisson"]]
+    for record in runs:
+        assert record["sent"] == record["ok"] + sum(record["errors"].values()), record
+        assert record["errors"] == {} and record["ok"] > 0, record
+        assert _ordered(record["latency_ms"]), record
+        assert record["rows_per_s"] == pytest.approx(record["req_per_s"] * record["rows"])
+    targets = {(r["target"], r["api"], r["rows"]) for r in experiments["closed"]}
+    assert targets == {(t, a, 32) for t in ("service", "parse-only")
+                       for a in ("v2-binary", "columns")}
+    served = [r for r in runs if r.get("target") == "service"]
+    assert all(r["batches"] > 0 and r["rows_per_batch"] >= 1 for r in served)
+    assert experiments["generator"][0]["target"] in ("nginx", "null-server")
+    poisson = experiments["open"]["poisson"][0]
+    assert poisson["offered_rate"] == pytest.approx(
+        0.5 * experiments["open"]["max_sustained_on"])
+    assert poisson["send_lag_ms"]["p99"] >= 0
+
+    report = (out / "report.md").read_text()
+    assert "## Goals" in report and "pinned to core" in report
+    assert "ms for 27-row requests at 80%" not in report  # 0.8 was not among the fractions
+    for name in ("latency_vs_load.png", "throughput_vs_concurrency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_locust_headless_runs_the_mix_against_a_real_server(trained, tmp_path):
+    stats = tmp_path / "locust"  # locust adds .json
+    env = {**os.environ, "CTRSERVE_LOCUST_PACKAGE": str(_package(trained)),
+           "CTRSERVE_LOCUST_DATA": str(trained["rows_file"])}
+    locust = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+              "--headless", "-u", "6", "-r", "6", "--run-time", "3s", "--stop-timeout", "5",
+              "--only-summary", "--loglevel", "WARNING"]
+    with ServiceProcess(trained["repo"], "--max-queue-delay-us", "2000") as server:
+        done = subprocess.run([*locust, "--host", server.url, "--json-file", str(stats)],
+                              env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rank entities off" in done.stdout
+    by_name = {entry["name"]: entry
+               for entry in json.loads(stats.with_suffix(".json").read_text())}
+    assert set(by_name) == {"rank candidates (columns)", "single row (rows)", "v2 binary"}
+    for entry in by_name.values():
+        assert entry["num_requests"] > 0 and entry["num_failures"] == 0, entry
+
+    refused = subprocess.run([*locust, "--host", "http://example.invalid:8000"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode != 0
+    assert "only targets loopback" in refused.stdout + refused.stderr
+
+
+def test_profiles_are_grouped_by_the_innermost_known_frame(tmp_path):
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "run (asyncio/runners.py:1);_compute (ctrserve/service/batcher.py:2);"
+        "run (onnxruntime/capi/onnxruntime_inference_collection.py:3) 6\n"
+        "run (asyncio/runners.py:1);_compute (ctrserve/service/batcher.py:2);"
+        "transform (ctrserve/models/transform.py:9) 3\n"
+        "run (asyncio/runners.py:1);handle (uvicorn/protocols/http/httptools_impl.py:5) 1\n")
+    areas = summarise_profile(raw)
+    assert areas == {"ONNX Runtime session": 0.6, "feature transform": 0.3,
+                     "HTTP server and framework": 0.1}
