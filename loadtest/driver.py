@@ -38,7 +38,13 @@ from pathlib import Path
 from . import load
 from .options import EXPERIMENTS, BenchConfig, config_from
 from .payloads import RowPool
-from .servers import ParseOnlyServer, ServerProcess, ServiceServer, no_work_server
+from .servers import (
+    CLOCK_TICKS,
+    ParseOnlyServer,
+    ServerProcess,
+    ServiceServer,
+    no_work_server,
+)
 
 
 class Bench:
@@ -61,6 +67,7 @@ class Bench:
         c = self.config
         duration = duration_s or c.duration_s
         stats_before = _stats(server)
+        steal_before = _steal_ticks(c.server_cpu)
         cpu_before, started = server.cpu_seconds(), time.monotonic()
         if mode == "closed":
             result = load.run(lambda: load.closed_loop(server.url, bodies, concurrency,
@@ -72,7 +79,10 @@ class Bench:
                                                      c.seed, c.client))
         elapsed = time.monotonic() - started
         record = {**tags, **result.to_dict(),
-                  "server_cpu": (server.cpu_seconds() - cpu_before) / elapsed}
+                  "server_cpu": (server.cpu_seconds() - cpu_before) / elapsed,
+                  # Share of the server core's time the hypervisor gave to others (VM steal).
+                  "server_core_steal": (_steal_ticks(c.server_cpu) - steal_before)
+                  / (CLOCK_TICKS * elapsed)}
         stats_after = _stats(server)
         if stats_before and stats_after:
             batches = stats_after["execution_count"] - stats_before["execution_count"]
@@ -333,6 +343,20 @@ def _stats(server: ServerProcess) -> dict | None:
         return None
 
 
+def _steal_ticks(cpu: int | None) -> int:
+    """Clock ticks stolen by the hypervisor from one core (all cores when None), /proc/stat."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
+    try:
+        with open("/proc/stat") as handle:
+            for line in handle:
+                fields = line.split()
+                if fields[0] == name:
+                    return int(fields[8]) if len(fields) > 8 else 0
+    except OSError:
+        pass
+    return 0
+
+
 def _meets(record: dict, bound_ms: float) -> bool:
     return (not record["errors"] and bool(record["latency_ms"])
             and record["latency_ms"]["p99"] <= bound_ms)
@@ -349,7 +373,8 @@ def _line(record: dict) -> str:
             f" {record['req_per_s']:>9,.0f} req/s {record['rows_per_s']:>10,.0f} rows/s"
             f"  p50 {latency.get('p50', float('nan')):7.2f}  p99 "
             f"{latency.get('p99', float('nan')):7.2f} ms  errors {record['errors'] or 0}"
-            f"  server {record['server_cpu']:.2f} cores  client {record['client_cpu']:.2f}")
+            f"  server {record['server_cpu']:.2f} cores  client {record['client_cpu']:.2f}"
+            f"  steal {record.get('server_core_steal', 0):.1%}")
 
 
 def _config_dict(config: BenchConfig) -> dict:

@@ -99,7 +99,7 @@ def _run_table(records: list[dict], columns: tuple[str, ...]) -> list[str]:
              "max_queue_delay_us": "delay us", "max_batch_rows": "max batch"}
     names = [heads[c] for c in columns] + ["req/s", "rows/s", "p50 ms", "p90 ms", "p99 ms",
                                            "p99.9 ms", "errors", "server cores",
-                                           "generator cores", "rows/batch"]
+                                           "generator cores", "rows/batch", "steal"]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in records:
         cells = []
@@ -114,7 +114,8 @@ def _run_table(records: list[dict], columns: tuple[str, ...]) -> list[str]:
             cells.append(str(value if value is not None else "–"))
         cells += [_f(r["req_per_s"]), _f(r["rows_per_s"]), _lat(r, "p50"), _lat(r, "p90"),
                   _lat(r, "p99"), _lat(r, "p99.9"), _errors(r), _f(r["server_cpu"], 2),
-                  _f(r["client_cpu"], 2), _f(r.get("rows_per_batch"), 1)]
+                  _f(r["client_cpu"], 2), _f(r.get("rows_per_batch"), 1),
+                  f"{r['server_core_steal']:.1%}" if "server_core_steal" in r else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -138,6 +138,7 @@ def test_bench_serve_smoke_against_real_servers(trained, tmp_path):
         assert record["errors"] == {} and record["ok"] > 0, record
         assert _ordered(record["latency_ms"]), record
         assert record["rows_per_s"] == pytest.approx(record["req_per_s"] * record["rows"])
+        assert 0 <= record["server_core_steal"] <= 1 and record["server_cpu"] > 0
     targets = {(r["target"], r["api"], r["rows"]) for r in experiments["closed"]}
     assert targets == {(t, a, 32) for t in ("service", "parse-only")
                        for a in ("v2-binary", "columns")}
