@@ -104,22 +104,16 @@ def build_package(root: Path, rows: int, epochs: int) -> Path:
 def build_rank_package(root: Path, rows: int, epochs: int) -> Path:
     """Users x items interactions -> a ranking model with a feature view whose embedded store
     reads the users and items tables."""
-    import pyarrow.parquet as pq
-
     from ctrserve.export.exporter import export_checkpoint
     from ctrserve.models.data import DataConfig
     from ctrserve.models.dlrm import ModelConfig
-    from ctrserve.models.generate import EntityConfig, write_entities
+    from ctrserve.models.generate import EntityConfig, write_entities, write_entity_joined
     from ctrserve.models.train import TrainConfig, fit
     from ctrserve.models.transform import TransformConfig
 
     data_dir = root / "entity-data"
     write_entities(EntityConfig(n_users=2000, n_items=500, n_rows=rows), data_dir)
-    joined = (pq.read_table(data_dir / "interactions.parquet")
-              .join(pq.read_table(data_dir / "users.parquet"), "user_id")
-              .join(pq.read_table(data_dir / "items.parquet"), "item_id"))
-    pq.write_table(joined, data_dir / "joined.parquet")
-    data = DataConfig(path=str(data_dir / "joined.parquet"), format="parquet",
+    data = DataConfig(path=str(write_entity_joined(data_dir)), format="parquet",
                       spec_path=str(data_dir / "spec.json"), split="random")
     result = fit(data, ModelConfig.from_dict(RANK_MODEL),
                  TrainConfig(epochs=epochs, batch_size=512, progress=False), TransformConfig(),

@@ -706,6 +706,17 @@ def write_entities(config: EntityConfig, out_dir: str | Path, progress: bool = T
     return summary
 
 
+def write_entity_joined(directory: str | Path) -> Path:
+    """Joins ``write_entities``' interactions with their users and items into
+    ``joined.parquet`` (the rows :func:`entity_joined_spec` describes); returns its path."""
+    directory = Path(directory)
+    joined = (pq.read_table(directory / "interactions.parquet")
+              .join(pq.read_table(directory / "users.parquet"), "user_id")
+              .join(pq.read_table(directory / "items.parquet"), "item_id"))
+    pq.write_table(joined, directory / "joined.parquet")
+    return directory / "joined.parquet"
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------

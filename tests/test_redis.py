@@ -16,24 +16,14 @@ import pytest
 import redis
 from servers import HOST, ServiceProcess, free_port
 
+from ctrserve.demo import RANK_VIEW
 from ctrserve.export.exporter import export_checkpoint
 from ctrserve.models.data import DataConfig
 from ctrserve.models.dlrm import ModelConfig
 from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
-from ctrserve.models.generate import EntityConfig, write_entities
+from ctrserve.models.generate import EntityConfig, write_entities, write_entity_joined
 from ctrserve.models.train import TrainConfig, fit
 from ctrserve.models.transform import TransformConfig
-
-VIEW = {
-    "entities": {
-        "user": {"key_column": "user_id", "source": "users.parquet",
-                 "columns": ["age_bucket", "gender", "occupation", "tenure_days"]},
-        "item": {"key_column": "item_id", "source": "items.parquet",
-                 "columns": ["genre", "year", "price", "price_bucket"]},
-    },
-    "context": ["hour", "device"],
-    "defaults": {"gender": "unknown"},
-}
 
 
 class RedisServer:
@@ -94,11 +84,7 @@ def ranked(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ranking")
     write_entities(EntityConfig(n_users=300, n_items=120, n_rows=8000, seed=2), root,
                    progress=False)
-    joined = (pq.read_table(root / "interactions.parquet")
-              .join(pq.read_table(root / "users.parquet"), "user_id")
-              .join(pq.read_table(root / "items.parquet"), "item_id"))
-    pq.write_table(joined, root / "joined.parquet")
-    data = DataConfig(path=str(root / "joined.parquet"), format="parquet",
+    data = DataConfig(path=str(write_entity_joined(root)), format="parquet",
                       spec_path=str(root / "spec.json"), split="random")
     model = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
         default=SchemeConfig("qr", min_rows=50, collisions=4)))
@@ -108,7 +94,7 @@ def ranked(tmp_path_factory) -> dict:
     export_checkpoint(root / "ckpt", repo, "rank", log=lambda _: None)
     for name in ("users.parquet", "items.parquet"):
         shutil.copy(root / name, repo / "rank" / name)
-    (repo / "rank" / "feature_view.json").write_text(json.dumps(VIEW))
+    (repo / "rank" / "feature_view.json").write_text(json.dumps(RANK_VIEW))
     return {"root": root, "repo": repo, "checkpoint": root / "ckpt",
             "users": pq.read_table(root / "users.parquet").to_pylist(),
             "items": pq.read_table(root / "items.parquet").to_pylist()}
