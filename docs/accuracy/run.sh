@@ -17,6 +17,15 @@ time "${BENCH[@]}" --name Frappe --out docs/accuracy/frappe --cache runs/bench/f
   --data $S/frappe/frappe.validation.libfm --test-data $S/frappe/frappe.test.libfm \
   --split random --dim 16 --top 256,128 --epochs 3 --pep-keep 0.1
 
+# PEP at its premise, wide rows: the full model and PEP at 10% of the values, D = 32 and 64.
+for D in 32 64; do
+  time "${BENCH[@]}" --name "Frappe, PEP at D = $D" --out docs/accuracy/frappe-d$D \
+    --cache runs/bench/frappe-d$D/cells --schemes full,pep-field-dim,pep-feature-dim \
+    --budgets '' --data $S/frappe/frappe.validation.libfm \
+    --test-data $S/frappe/frappe.test.libfm --split random --dim $D --top 256,128 \
+    --epochs 3 --pep-keep 0.1
+done
+
 .venv/bin/ctrserve generate criteo --scale 2000 --rows 150000 --seed 0 --out runs/bench/generated
 time "${BENCH[@]}" --name "generated (Criteo sizes / 2000)" --out docs/accuracy/generated \
   --cache runs/bench/generated/cells \
