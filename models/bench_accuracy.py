@@ -480,6 +480,10 @@ def _draw(axes, report: dict) -> None:
                       capsize=2, linewidth=1.2, label=scheme,
                       linestyle="-" if index < 10 else "--")
     axes.set_xscale("log", base=2)
+    low, high = axes.get_xlim()
+    if high < 4 * low:  # cells of nearly equal bytes: widen to show at least two ticks
+        middle = math.sqrt(low * high)
+        axes.set_xlim(middle / 2, middle * 2)
     axes.xaxis.set_major_locator(LogLocator(base=2))
     axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _bytes_text(x).replace(".0 ", " ")))
     axes.tick_params(axis="x", labelsize=8)
