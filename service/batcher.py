@@ -318,12 +318,23 @@ class Batcher:
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
-    """Column parts of several requests; a mix of int and object parts becomes object."""
+    """Column parts of several requests; a mix of int and object parts becomes object, and
+    masked int parts (missing values) stay masked."""
     if len(parts) == 1:
         return parts[0]
     if len({p.dtype for p in parts}) > 1:
-        parts = [p.astype(object) for p in parts]
+        parts = [_as_objects(p) for p in parts]
+    if any(isinstance(p, np.ma.MaskedArray) for p in parts):
+        return np.ma.concatenate(parts)
     return np.concatenate(parts)
+
+
+def _as_objects(part: np.ndarray) -> np.ndarray:
+    """``part`` as Python objects, masked values as None."""
+    objects = np.asarray(part).astype(object)
+    if isinstance(part, np.ma.MaskedArray):
+        objects[np.ma.getmaskarray(part)] = None
+    return objects
 
 
 def _locate(pieces: list[_Piece], row: int) -> tuple[_Piece, int]:

@@ -119,22 +119,34 @@ def _dense(name: str, values: list | None, n: int) -> np.ndarray:
 
 
 def _categorical(name: str, kind: str, values: list | None, n: int) -> np.ndarray:
+    """One raw categorical column: int64 for integer columns (masked where a value is
+    missing, which the transform reads without a Python object per row), else objects."""
     if values is None:
+        if kind == "int":
+            return np.ma.masked_all(n, dtype=np.int64)
         return np.full(n, None, dtype=object)
-    all_ints = True
+    ints_or_missing = True
+    missing = 0
     for row, value in enumerate(values):
         kind_of = type(value)
         if kind_of is int:
             continue
-        all_ints = False
-        if value is not None and kind_of not in _CATEGORICAL:
+        if value is None:
+            missing += 1
+            continue
+        ints_or_missing = False
+        if kind_of not in _CATEGORICAL:
             expected = "a string or an integer"
             if isinstance(value, float) and math.isfinite(value) and value.is_integer():
                 expected += " (send integer ids without a decimal point)"
             raise BadRequest(f"column {name!r}, row {row}: {value!r} is not {expected}")
-    if all_ints and kind == "int":
+    if ints_or_missing and kind == "int":
         try:
-            return np.array(values, dtype=np.int64)
+            if not missing:
+                return np.array(values, dtype=np.int64)
+            is_missing = np.fromiter((v is None for v in values), dtype=bool, count=n)
+            ids = np.array([0 if v is None else v for v in values], dtype=np.int64)
+            return np.ma.MaskedArray(ids, mask=is_missing)
         except OverflowError:
             pass  # out of int64: the transform reports the row
     array = np.empty(n, dtype=object)
