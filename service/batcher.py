@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.ma import MaskedArray, getmaskarray
 
 from ctrserve.models.keys import InvalidValueError
 from ctrserve.models.schema import RawBatch
@@ -323,17 +324,26 @@ def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
     if len(parts) == 1:
         return parts[0]
     if len({p.dtype for p in parts}) > 1:
-        parts = [_as_objects(p) for p in parts]
-    if any(isinstance(p, np.ma.MaskedArray) for p in parts):
-        return np.ma.concatenate(parts)
+        return np.concatenate([_as_objects(p) for p in parts])
+    if parts[0].dtype != object and any(isinstance(p, MaskedArray) for p in parts):
+        # Ids and masks apart: np.ma.concatenate costs ~10x more on many small parts.
+        ids, missing = zip(*(_ids_and_missing(p) for p in parts), strict=True)
+        return MaskedArray(np.concatenate(ids), mask=np.concatenate(missing))
     return np.concatenate(parts)
+
+
+def _ids_and_missing(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(part, MaskedArray):
+        return part.data, getmaskarray(part)
+    return part, np.zeros(len(part), dtype=bool)
 
 
 def _as_objects(part: np.ndarray) -> np.ndarray:
     """``part`` as Python objects, masked values as None."""
-    objects = np.asarray(part).astype(object)
-    if isinstance(part, np.ma.MaskedArray):
-        objects[np.ma.getmaskarray(part)] = None
+    if not isinstance(part, MaskedArray):
+        return part.astype(object)
+    objects = part.data.astype(object)
+    objects[getmaskarray(part)] = None
     return objects
 
 

@@ -24,6 +24,10 @@ from .errors import BadRequest, PayloadTooLarge
 
 _NUMBER = (int, float)
 _CATEGORICAL = (str, int)
+#: Rows from which an integer column with missing values becomes a masked int64 array. Building
+#: one costs ~12 us and the batcher's concatenation ~3 us a part, against ~3 us a value on the
+#: transform's object path (ints and None), so small requests stay objects.
+MASKED_FROM_ROWS = 8
 
 
 def parse_json(body: bytes) -> object:
@@ -119,10 +123,10 @@ def _dense(name: str, values: list | None, n: int) -> np.ndarray:
 
 
 def _categorical(name: str, kind: str, values: list | None, n: int) -> np.ndarray:
-    """One raw categorical column: int64 for integer columns (masked where a value is
-    missing, which the transform reads without a Python object per row), else objects."""
+    """One raw categorical column: int64 for integer columns, masked where values are missing
+    once the request has ``MASKED_FROM_ROWS`` rows, else objects."""
     if values is None:
-        if kind == "int":
+        if kind == "int" and n >= MASKED_FROM_ROWS:
             return np.ma.masked_all(n, dtype=np.int64)
         return np.full(n, None, dtype=object)
     ints_or_missing = True
@@ -144,6 +148,8 @@ def _categorical(name: str, kind: str, values: list | None, n: int) -> np.ndarra
         try:
             if not missing:
                 return np.array(values, dtype=np.int64)
+            if n < MASKED_FROM_ROWS:
+                return np.array(values, dtype=object)
             is_missing = np.fromiter((v is None for v in values), dtype=bool, count=n)
             ids = np.array([0 if v is None else v for v in values], dtype=np.int64)
             return np.ma.MaskedArray(ids, mask=is_missing)

@@ -305,3 +305,23 @@ def test_the_service_runs_without_torch(trained):
         response = httpx.post(server.url + SCORE, json={"rows": rows}, timeout=60)
     assert response.status_code == 200, response.text
     assert len(response.json()["probabilities"]) == 5
+
+
+def test_column_parts_keep_their_missing_values_when_batched():
+    """The batcher joins int columns with nulls (masked from MASKED_FROM_ROWS rows, objects
+    below), plain int columns and text columns without losing a missing value."""
+    from ctrserve.service.batcher import _concatenate
+    from ctrserve.service.friendly import MASKED_FROM_ROWS, _categorical
+
+    long = [7, None] * MASKED_FROM_ROWS
+    masked = _categorical("C1", "int", long, len(long))
+    short = _categorical("C1", "int", [None, 3], 2)
+    plain = _categorical("C1", "int", [4, 5], 2)
+    text = _categorical("C1", "int", ["x9", None], 2)
+    assert isinstance(masked, np.ma.MaskedArray) and short.dtype == object
+    joined = _concatenate([masked, plain])
+    assert isinstance(joined, np.ma.MaskedArray)
+    assert joined.filled(-1).tolist() == [7, -1] * MASKED_FROM_ROWS + [4, 5]
+    mixed = _concatenate([plain, masked, short, text])
+    assert mixed.dtype == object
+    assert mixed.tolist() == [4, 5, *long, None, 3, "x9", None]
