@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -102,6 +103,12 @@ class FeatureTransform:
     @property
     def n_dense(self) -> int:
         return len(self.dense)
+
+    @cached_property
+    def column_names(self) -> frozenset[str]:
+        """The raw columns the transform reads, dense and categorical."""
+        return frozenset([*(e.name for e in self.dense),
+                          *(e.column.name for e in self.categorical)])
 
     def transform(self, batch: RawBatch) -> TransformedBatch:
         n = len(batch)

@@ -100,7 +100,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s, ledger=ledger)
-    app.add_middleware(metrics.MetricsMiddleware)
+    app.add_middleware(metrics.MetricsMiddleware, known_model=repository.known)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, error: ServiceError) -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 from prometheus_client import (
@@ -205,11 +206,19 @@ def route_label(scope: dict) -> str:
 
 class MetricsMiddleware:
     """Counts and times every HTTP request by model and route template, and tags each response
-    with the worker's PID (``x-worker-pid``)."""
+    with the worker's PID (``x-worker-pid``).
 
-    def __init__(self, app) -> None:
+    The model label is the name in the path only where ``known_model`` says the repository has
+    it, else empty: a client's made-up names must not create series. The labelled children are
+    kept (their number is bounded by models x routes x statuses): ``labels()`` per request was
+    a visible share of a single-row request's time.
+    """
+
+    def __init__(self, app, known_model: Callable[[str], bool]) -> None:
         self.app = app
+        self.known_model = known_model
         self.pid_header = (b"x-worker-pid", str(os.getpid()).encode())
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -229,9 +238,20 @@ class MetricsMiddleware:
         finally:
             route = route_label(scope)
             if route != "/metrics":
-                model = scope.get("path_params", {}).get("name", "")
-                REQUESTS.labels(model, route, str(status[0])).inc()
-                REQUEST_SECONDS.labels(model, route).observe(time.perf_counter() - started)
+                count, seconds = self._labelled(scope, route, status[0])
+                count.inc()
+                seconds.observe(time.perf_counter() - started)
+
+    def _labelled(self, scope: dict, route: str, status: int) -> tuple[Counter, Histogram]:
+        name = scope.get("path_params", {}).get("name", "")
+        model = name if name and self.known_model(name) else ""
+        key = (model, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (REQUESTS.labels(model, route, str(status)),
+                        REQUEST_SECONDS.labels(model, route))
+            self._children[key] = children
+        return children
 
 
 FEATURE_STORE_SECONDS = Histogram("ctrserve_feature_store_seconds",

@@ -100,6 +100,10 @@ class ModelRepository:
                            f"{served.version})")
         return served
 
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is served or was ever loaded, unloaded or refused here."""
+        return name in self._served or name in self._states
+
     def served(self) -> dict[str, ServedModel]:
         return dict(self._served)
 

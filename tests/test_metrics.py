@@ -40,12 +40,18 @@ def test_counts_histograms_and_memory_match_what_was_sent(trained):
         good = asyncio.run(_post_all(server.url, [{"rows": rows[i:i + 3]} for i in range(0, 21,
                                                                                           3)]))
         bad = [httpx.post(server.url + SCORE, json={"rows": [{"nope": 1}]}) for _ in range(2)]
+        made_up = [httpx.post(server.url + f"/v1/models/nosuch{i}/score", json={"rows": rows[:1]})
+                   for i in range(3)]
         stats = httpx.get(server.url + "/v2/models/ctr/stats").json()["model_stats"][0]
         samples = scrape(server.url)
     assert [r.status_code for r in good] == [200] * 7 and [r.status_code for r in bad] == [400] * 2
     assert value(samples, "ctrserve_requests_total", model="ctr", route=ROUTE, status="200") == 7
     assert value(samples, "ctrserve_requests_total", model="ctr", route=ROUTE, status="400") == 2
     assert value(samples, "ctrserve_request_seconds_count", model="ctr", route=ROUTE) == 9
+    # Names the repository does not have are counted without a model: no series per made-up name.
+    assert [r.status_code for r in made_up] == [404] * 3
+    assert value(samples, "ctrserve_requests_total", model="", route=ROUTE, status="404") == 3
+    assert not any(dict(labels).get("model", "").startswith("nosuch") for _, labels in samples)
     labels = {"model": "ctr", "version": "1"}
     assert value(samples, "ctrserve_scored_rows_total", **labels) == 21
     assert value(samples, "ctrserve_batch_rows_sum", **labels) == 21
