@@ -194,10 +194,17 @@ def search_pep_mask(model: CTRModel, data: DataConfig, transform: FeatureTransfo
     if not tables:
         return None
     first = config.embeddings.for_table(next(iter(tables)))
-    result = search_mask(
-        model, lambda: transformed(data, "train", transform, train_config.chunk_rows),
-        SearchConfig(target=first.pep_keep, drift=first.drift), train_config,
-    )
+    cache = ChunkCache(train_config.cache_rows)
+
+    def one_pass() -> Iterable[TransformedBatch]:
+        """The training chunks, read once and then kept in memory (in the same chunks and
+        order, so a pass is the same as reading the file again) while they fit the cache."""
+        if cache.complete:
+            return cache.chunks
+        return cache.record(transformed(data, "train", transform, train_config.chunk_rows))
+
+    result = search_mask(model, one_pass, SearchConfig(target=first.pep_keep, drift=first.drift),
+                         train_config)
     rewind(model, result)
     return {"steps": result.steps, "nonzeros": result.nonzeros, "full": result.full}
 
@@ -210,8 +217,11 @@ class ChunkCache:
         self.chunks: list[TransformedBatch] = []
         self.rows = 0
         self.overflowed = False
+        #: Whether ``chunks`` hold a whole pass (a pass cut short records again next time).
+        self.complete = False
 
     def record(self, chunks: Iterable[TransformedBatch]) -> Iterator[TransformedBatch]:
+        self.chunks, self.rows = [], 0
         for chunk in chunks:
             if not self.overflowed:
                 self.rows += len(chunk)
@@ -221,6 +231,7 @@ class ChunkCache:
                 else:
                     self.chunks.append(chunk)
             yield chunk
+        self.complete = not self.overflowed
 
     def replay(self) -> list[TransformedBatch]:
         """The whole cached data as one chunk, so an epoch shuffles across all of it."""

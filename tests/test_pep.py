@@ -325,3 +325,37 @@ def test_at_a_tenth_of_the_values_pep_is_within_0_01_auc_of_the_full_model_on_fr
         full_auc.append(full["metrics"]["test"]["auc"])
         pep_auc.append(pruned["metrics"]["test"]["auc"])
     assert np.mean(full_auc) - np.mean(pep_auc) < 0.01, (full_auc, pep_auc)
+
+
+@pytest.mark.parametrize(("cache_rows", "reads_once"), [(2_000_000, True), (0, False)])
+def test_the_search_reads_the_training_data_once_when_it_fits_in_memory(
+        tmp_path, monkeypatch, cache_rows, reads_once):
+    """Passes after the first replay the kept chunks; with no room to keep them, every pass
+    reads the file again. Training's first epoch reads it once more either way."""
+    import ctrserve.models.train as train
+    from ctrserve.models.data import DataConfig
+    from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+    from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
+    from ctrserve.models.transform import TransformConfig
+
+    write_criteo_like(CriteoLikeConfig(n_rows=3000, cardinalities=(20, 300, 900), seed=3),
+                      tmp_path / "data", progress=False)
+    data = DataConfig(path=str(tmp_path / "data" / "data.parquet"), format="parquet",
+                      spec_path=str(tmp_path / "data" / "spec.json"), split="random")
+    pep = SchemeConfig("pep", min_rows=0, pep_keep=0.3, drift=0.05)
+    model = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(default=pep))
+    reads: list[str] = []
+    read = train.transformed
+
+    def counted(data, split, *args, **kwargs):
+        reads.append(split)
+        return read(data, split, *args, **kwargs)
+
+    monkeypatch.setattr(train, "transformed", counted)
+    result = train.fit(data, model, TrainConfig(epochs=1, batch_size=256, cache_rows=cache_rows,
+                                                progress=False),
+                       TransformConfig(), str(tmp_path / "ckpt"))
+    steps_per_pass = math.ceil(result["history"][0]["rows"] / 256)
+    passes = math.ceil(result["pep_search"]["steps"] / steps_per_pass)
+    assert passes >= 3  # the search needed several passes over the data
+    assert reads.count("train") == (2 if reads_once else passes + 1)
