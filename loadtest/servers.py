@@ -75,6 +75,19 @@ def group_resident_bytes(pgid: int) -> int:
     return total
 
 
+def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to ``process``'s group (it leads one: ``start_new_session``), SIGKILL after
+    ``timeout`` seconds, and wait for it."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
 class ServerProcess:
     """A command serving HTTP on ``self.port``; a context manager (started and ready inside)."""
 
@@ -136,13 +149,7 @@ class ServerProcess:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        stop_group(self.process)
         self._log.close()
 
     def __enter__(self) -> ServerProcess:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +11,7 @@ from pathlib import Path
 
 import httpx
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+from ctrserve.loadtest.servers import HOST, free_port, stop_group
 
 
 class ServiceProcess:
@@ -59,13 +51,7 @@ class ServiceProcess:
         return self.log_path.read_text()[-5000:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
+        stop_group(self.process, timeout=20)
         self._log.close()
 
     def __enter__(self) -> ServiceProcess:
