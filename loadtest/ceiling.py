@@ -38,7 +38,7 @@ def session_for(package: Path, threads: int = 1) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-def _timed(call, count: int, seconds: float) -> tuple[int, float]:
+def timed(call, count: int, seconds: float) -> tuple[int, float]:
     for index in range(min(count, 4)):  # warm-up
         call(index)
     calls = 0
@@ -67,7 +67,7 @@ def measure(package: str | Path, sizes: list[int], seconds: float = 3.0,
         windows = [pool.window(i * rows * 7 % pool.size, rows) for i in range(WINDOWS)]
         feeds = [{"sparse": pool.sparse[w], **({"dense": pool.dense[w]} if with_dense else {})}
                  for w in windows]
-        calls, elapsed = _timed(lambda i, feeds=feeds: session.run(None, feeds[i]),
+        calls, elapsed = timed(lambda i, feeds=feeds: session.run(None, feeds[i]),
                                 WINDOWS, seconds)
         results.append({"what": "session", "rows": rows, "threads": threads, "calls": calls,
                         "seconds": elapsed, "rows_per_s": calls * rows / elapsed,
@@ -89,7 +89,7 @@ def measure(package: str | Path, sizes: list[int], seconds: float = 3.0,
                 feed["dense"] = transformed.dense
             session.run(None, feed)
 
-        calls, elapsed = _timed(transform_and_run, WINDOWS, seconds)
+        calls, elapsed = timed(transform_and_run, WINDOWS, seconds)
         results.append({"what": "transform + session", "rows": rows, "threads": threads,
                         "calls": calls, "seconds": elapsed, "rows_per_s": calls * rows / elapsed,
                         "batches_per_s": calls / elapsed,

@@ -192,3 +192,14 @@ def test_profiles_are_grouped_by_the_innermost_known_frame(tmp_path):
     areas = summarise_profile(raw)
     assert areas == {"ONNX Runtime session": 0.6, "feature transform": 0.3,
                      "HTTP server and framework": 0.1}
+
+
+def test_decode_cost_times_decoding_and_the_transform_per_request_size(trained):
+    from ctrserve.loadtest.decode_cost import measure
+
+    results = measure(_package(trained), [1, 64], seconds=0.05)
+    assert [(r["what"], r["rows"]) for r in results] == [
+        ("decode", 1), ("transform", 1), ("decode", 64), ("transform", 64)]
+    assert all(r["us_per_request"] > 0 for r in results)
+    decode = {r["rows"]: r["us_per_request"] for r in results if r["what"] == "decode"}
+    assert decode[64] > decode[1]  # decoding grows with the rows
