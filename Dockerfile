@@ -48,15 +48,17 @@ WORKDIR /runs
 # under docker compose), score five rows through the API once, and exit.
 CMD ["ctrserve", "demo", "--workdir", "/runs/demo", "--once", "--port", "0"]
 
-# -- serving-base: the service and its dependencies only (no torch) ----------------------------
+# -- serving-base: the service and what it imports, nothing else ----------------------------------
+# No training code, no load tests, no torch: tests/test_packaging.py serves a package from
+# exactly the files these COPY lines name (with the links the RUN makes).
 FROM base AS serving-base
 COPY pyproject.toml README.md ./
-COPY ctrserve ctrserve
-COPY models models
-COPY export export
+COPY ctrserve/__init__.py ctrserve/__main__.py ctrserve/cli.py ctrserve/tables.py ctrserve/
+COPY models/__init__.py models/keys.py models/schema.py models/transform.py models/
+COPY export/__init__.py export/package.py export/
 COPY service service
-COPY loadtest loadtest
-RUN pip install -c requirements/constraints.txt . \
+RUN ln -s ../models ../export ../service ctrserve/ \
+    && pip install -c requirements/constraints.txt . \
     && mkdir -p /models \
     && chown ctrserve:ctrserve /models
 ENV CTRSERVE_REPO=/models \
@@ -71,13 +73,13 @@ WORKDIR /home/ctrserve
 CMD ["ctrserve", "serve"]
 
 # -- gpu: serving on CUDA ----------------------------------------------------------------------
-# onnxruntime-gpu's CUDA 13 and cuDNN 9 libraries come as NVIDIA's wheels (its [cuda,cudnn]
-# extras, versions pinned by the constraints); the dynamic loader is told where they are. The
+# onnxruntime-gpu's CUDA 13 and cuDNN 9 libraries come as NVIDIA's wheels (the gpu extra,
+# versions pinned by the constraints); the dynamic loader is told where they are. The
 # driver (libcuda) comes from the host through the NVIDIA container runtime. nvidia-ml-py feeds
 # the GPU memory gauges.
 FROM serving-base AS gpu
 USER 0:0
-RUN pip install -c requirements/constraints.txt "onnxruntime-gpu[cuda,cudnn]" nvidia-ml-py \
+RUN pip install -c /app/requirements/constraints.txt "/app[gpu]" \
     && python -c "import pathlib, sysconfig; root = pathlib.Path(sysconfig.get_paths()['purelib'], 'nvidia'); print('\n'.join(sorted({str(p.parent) for p in root.rglob('lib*.so*')})))" \
         > /etc/ld.so.conf.d/nvidia-wheels.conf \
     && ldconfig

@@ -1,5 +1,10 @@
-"""The ``ctrserve`` command. Subcommands import their modules lazily, so that commands which do
-not train (and the server) never import torch."""
+"""The ``ctrserve`` command.
+
+Only the command that runs builds its arguments, and every module beyond the standard library is
+imported inside the functions that need it: ``ctrserve serve`` never imports torch, and an
+install without the training code or an extra's packages (the serving image) still runs the
+commands it has, and names what is missing for the others.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-
-from ctrserve.models.generate import add_generate_arguments
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -59,6 +64,8 @@ def _format_from_path(path: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctrserve.models.embeddings.scheme_settings import SETTINGS
+
     group = parser.add_argument_group("model (flags override --config)")
     group.add_argument("--config", help="model config JSON (kind, dim, bottom, top, embeddings "
                                         "with a default scheme and per-table overrides)")
@@ -66,9 +73,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dim", type=int)
     group.add_argument("--bottom", type=_ints, help="bottom MLP hidden widths, e.g. 512,256,64")
     group.add_argument("--top", type=_ints, help="top MLP hidden widths, e.g. 512,256")
-    group.add_argument("--scheme",
-                       choices=("full", "hash", "qr", "kpart", "pep", "int8", "fp16", "lma",
-                                "robe"))
+    group.add_argument("--scheme", choices=tuple(SETTINGS),
+                       help="the default scheme; a flag its scheme has no setting for is an "
+                            "error")
     group.add_argument("--compression", type=float,
                        help="hash: rows / buckets; lma, robe: full bytes / stored bytes")
     group.add_argument("--collisions", type=int, help="qr: ids sharing a remainder row")
@@ -90,6 +97,7 @@ def model_config(args: argparse.Namespace):
     from dataclasses import replace
 
     from ctrserve.models.dlrm import ModelConfig
+    from ctrserve.models.embeddings.scheme_settings import settings_from_dict
 
     config = ModelConfig()
     if args.config:
@@ -104,7 +112,7 @@ def model_config(args: argparse.Namespace):
     if scheme_flags:
         embeddings = config.embeddings
         config = replace(config, embeddings=replace(
-            embeddings, default=replace(embeddings.default, **scheme_flags)))
+            embeddings, default=settings_from_dict(scheme_flags, inherit=embeddings.default)))
     return config
 
 
@@ -132,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ctrserve.models.train import TrainConfig, fit
     from ctrserve.models.transform import TransformConfig
 
-    from .report import print_metrics, print_tables
+    from .tables import print_metrics, print_tables
 
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -162,7 +170,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ctrserve.models.evaluate import evaluate
 
-    from .report import print_metrics
+    from .tables import print_metrics
 
     result = evaluate(
         args.checkpoint, data_config(args) if args.data else None, args.part, args.predictions
@@ -197,41 +205,37 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", help="model repository (env CTRSERVE_REPO)")
-    parser.add_argument("--model", action="append", dest="models",
-                        help="a model to load (repeatable; default: every model in the repo)")
-    parser.add_argument("--host", help="default 127.0.0.1 (env CTRSERVE_HOST)")
-    parser.add_argument("--port", type=int, help="default 8000 (env CTRSERVE_PORT)")
-    parser.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
-    parser.add_argument("--admin-token", help="bearer token for the repository control routes")
-    parser.add_argument("--max-batch-rows", type=int)
-    parser.add_argument("--max-queue-delay-us", type=int)
-    parser.add_argument("--max-queue-rows", type=int)
-    parser.add_argument("--request-timeout-ms", type=int)
-    parser.add_argument("--no-batching", dest="batching", action="store_const", const=False)
-    parser.add_argument("--poll-interval-s", type=float,
-                        help="scan the repository for new versions this often (0: never)")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--intra-op-threads", type=int)
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--max-request-rows", type=int, help="more rows in a request get 413")
-    parser.add_argument("--max-concurrency", type=int,
-                        help="connections + requests per worker before an immediate 503")
-    parser.add_argument("--max-body-bytes", type=int, help="larger bodies get 413")
-    parser.add_argument("--body-timeout-s", type=float,
-                        help="a body must arrive within this time (408 otherwise)")
-    parser.add_argument("--redis-url", help="Redis for the feature store and rollout")
-    parser.add_argument("--redis-timeout-ms", type=int)
-    parser.add_argument("--redis-required", action="store_const", const=True,
-                        help="readiness requires Redis")
+    from pydantic_settings import CliSettingsSource
+
+    from ctrserve.service.settings import ENV_PREFIX, ServiceSettings
+
+    source: CliSettingsSource[ServiceSettings] = CliSettingsSource(
+        ServiceSettings, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True)
+    parser.set_defaults(settings_source=source)
+    parser.epilog = (f"Every option can be set in the environment instead: {ENV_PREFIX} and its "
+                     f"name in capitals, e.g. {ENV_PREFIX}MAX_BATCH_ROWS=512, "
+                     f"""{ENV_PREFIX}MODELS='["ctr"]'. Flags win over the environment.""")
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ctrserve.service.server import serve, settings_from
+    from pydantic import ValidationError
 
-    flags = {k: v for k, v in vars(args).items()
-             if k not in ("command", "run") and v is not None}
-    return serve(settings_from(flags))
+    from ctrserve.service.server import serve
+    from ctrserve.service.settings import ServiceSettings
+
+    try:
+        settings = ServiceSettings(_cli_settings_source=args.settings_source(parsed_args=args))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in error.errors())
+        raise ValueError(f"invalid settings: {problems}") from None
+    return serve(settings)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctrserve.models.generate import add_generate_arguments as add
+
+    add(parser)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +250,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from ctrserve.export.exporter import ExportError, export_checkpoint
-    from ctrserve.export.inspect import describe
+    from ctrserve.export.package_description import describe
 
     try:
         package = export_checkpoint(args.checkpoint, args.repo, args.name, args.version,
@@ -263,7 +267,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from ctrserve.export.inspect import describe
+    from ctrserve.export.package_description import describe
 
     report, intact = describe(args.package)
     print(report, file=sys.stdout if intact else sys.stderr)
@@ -354,6 +358,12 @@ def add_bench_serve_arguments(benches) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "serve":
+        from ctrserve.loadtest.extra import missing_for_serve
+
+        missing = missing_for_serve()
+        if missing:
+            print(f"ctrserve bench serve: error: {missing}", file=sys.stderr)
+            return 1
         from ctrserve.loadtest.driver import main as serve_main
 
         return serve_main(args)
@@ -361,42 +371,82 @@ def run_bench(args: argparse.Namespace) -> int:
 
     return main(args, data_config(args))
 
-COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
-    "demo": ("build the demo model package (generate, train, export) if missing, and serve it",
-             add_demo_arguments, run_demo),
-    "generate": ("write synthetic CTR data", add_generate_arguments, run_generate),
-    "train": ("train a CTR model and write a checkpoint", add_train_arguments, run_train),
-    "evaluate": ("score a checkpoint on a data split: AUC, logloss, NE, calibration",
-                 add_evaluate_arguments, run_evaluate),
-    "export": ("turn a checkpoint into an ONNX model package in a model repository",
-               add_export_arguments, run_export),
-    "inspect": ("describe a model package and verify its files",
-                add_inspect_arguments, run_inspect),
-    "serve": ("serve the models of a repository over HTTP", add_serve_arguments, run_serve),
-    "features": ("online feature store: load entity tables into Redis",
-                 add_features_arguments, run_features),
-    "bench": ("benchmarks: accuracy against embedding memory, serving speed",
-              add_bench_arguments, run_bench),
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("build the demo model package (generate, train, export) if missing, and "
+                    "serve it", add_demo_arguments, run_demo),
+    "generate": Command("write synthetic CTR data", add_generate_arguments, run_generate),
+    "train": Command("train a CTR model and write a checkpoint", add_train_arguments, run_train),
+    "evaluate": Command("score a checkpoint on a data split: AUC, logloss, NE, calibration",
+                        add_evaluate_arguments, run_evaluate),
+    "export": Command("turn a checkpoint into an ONNX model package in a model repository",
+                      add_export_arguments, run_export),
+    "inspect": Command("describe a model package and verify its files",
+                       add_inspect_arguments, run_inspect),
+    "serve": Command("serve the models of a repository over HTTP", add_serve_arguments,
+                     run_serve),
+    "features": Command("online feature store: load entity tables into Redis",
+                        add_features_arguments, run_features),
+    "bench": Command("benchmarks: accuracy against embedding memory, serving speed",
+                     add_bench_arguments, run_bench),
 }
 
+#: Packages of the optional extras, by the extra that installs them.
+EXTRAS = {"torch": "train", "onnx": "train", "onnxscript": "train", "matplotlib": "train",
+          "aiohttp": "bench", "locust": "bench"}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command with its help; the arguments of ``command`` only."""
     parser = argparse.ArgumentParser(
         prog="ctrserve",
         description="Train, export and serve CTR models with compressed embedding tables.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_arguments, run) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
-        sub.set_defaults(run=run)
+    parser.add_argument("--version", action="version",
+                        version=f"ctrserve {package_version('ctrserve')}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, spec in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
+        if name == command:
+            spec.add_arguments(sub)
+        sub.set_defaults(run=spec.run)
     return parser
 
 
+def _missing_module(error: ModuleNotFoundError) -> str | None:
+    """What to install for a module this installation lacks (None: not one of ours)."""
+    name = error.name or ""
+    extra = EXTRAS.get(name.partition(".")[0])
+    if extra:
+        return f"it needs {name}: pip install 'ctrserve[{extra}]'"
+    if name.startswith("ctrserve."):
+        return f"this installation has no {name} (the serving image carries the service only)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
     try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         return args.run(args)
+    except ModuleNotFoundError as error:
+        missing = _missing_module(error)
+        if missing is None:
+            raise
+        print(f"ctrserve {command}: error: {missing}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as error:
-        print(f"ctrserve {args.command}: error: {error}", file=sys.stderr)
+        print(f"ctrserve {command}: error: {error}", file=sys.stderr)
         return 1

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from ctrserve.export.inspect import describe
 from ctrserve.export.package import PackageError, load_package
+from ctrserve.export.package_description import describe
 from ctrserve.models.generate import CriteoLikeConfig, scaled_cardinalities, write_criteo_like
 
 DEMO_SCALE = 100
@@ -77,7 +77,7 @@ def build_package(root: Path, rows: int, epochs: int) -> Path:
     from ctrserve.models.train import TrainConfig, fit
     from ctrserve.models.transform import TransformConfig
 
-    from .report import print_metrics, print_tables
+    from .tables import print_metrics, print_tables
 
     data_dir = root / "data"
     generated = ensure_data(data_dir, rows)
@@ -159,8 +159,9 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+RANK_CANDIDATES = [{"item": "i7"}, {"item": "i19"}, {"item": "i404"}]
 RANK_EXAMPLE = {"entities": {"user": "u42"}, "context": {"hour": 20, "device": "ios"},
-                "candidates": [{"item": "i7"}, {"item": "i19"}, {"item": "i404"}]}
+                "candidates": RANK_CANDIDATES}
 
 
 async def _serve_once(settings, rows: list[dict]) -> tuple[dict, dict]:
@@ -223,7 +224,6 @@ def run(workdir: str, rows: int, epochs: int, rebuild: bool = False, once: bool 
         print(f"  p(click) = {probability:.4f}   ({features}, ...)")
     print(f"POST /v1/models/{RANK_NAME}/rank for user u42 (features joined from the embedded "
           "store):")
-    for candidate, probability in zip(RANK_EXAMPLE["candidates"], ranked["probabilities"],
-                                      strict=True):
+    for candidate, probability in zip(RANK_CANDIDATES, ranked["probabilities"], strict=True):
         print(f"  item {candidate['item']}: p(click) = {probability:.4f}")
     return 0

@@ -29,6 +29,7 @@ from .package import (
     MODEL_FILE,
     TRANSFORM_DIR,
     file_records,
+    valid_model_name,
     versions,
 )
 from .parity import check_parity, session_options
@@ -120,8 +121,9 @@ def export_checkpoint(checkpoint_dir: str | Path, repo: str | Path, name: str,
                       version: int | None = None, overwrite: bool = False,
                       log=print) -> Path:
     """Writes ``repo/name/version`` from a training checkpoint; returns its path."""
-    if not name or name.startswith(".") or "/" in name or name != name.strip():
-        raise ExportError(f"invalid model name {name!r}: use a plain directory name")
+    if not valid_model_name(name):
+        raise ExportError(f"invalid model name {name!r}: use letters, digits, '_', '.' and '-' "
+                          "(not first), at most 128 characters")
     checkpoint = load_checkpoint(checkpoint_dir)
     model_directory = Path(repo) / name
     model_directory.mkdir(parents=True, exist_ok=True)

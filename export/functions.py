@@ -8,6 +8,8 @@ body without changing the graph. The bodies mirror the torch schemes in
 ``ctrserve.models.embeddings`` operation for operation, in integer arithmetic for ids (``Div`` and
 ``Mod`` on int64 are exact for every id below 2**63).
 
+Which scheme's table becomes which node is ``table_nodes.py``.
+
 | op               | overload            | inputs after ids                          |
 |------------------|---------------------|-------------------------------------------|
 | HashGather       | ``default``         | weight, buckets                           |
@@ -30,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ctrserve.models.embeddings.robe import DIGIT_BASE
@@ -215,28 +216,3 @@ def robe_gather() -> FunctionProto:
     return _function("ROBEGather", "default", ["ids", "memory", "coefficients", "block"], body,
                      attributes=("dim",))
 
-
-def function_for(op_type: str, overload: str) -> FunctionProto:
-    """The function a node ``ctrserve::op_type`` with this overload calls."""
-    if op_type == "QRGather":
-        for operation in ("mult", "add", "concat"):
-            if overload.startswith(operation):
-                return qr_gather(operation, int(overload[len(operation):]))
-    builders = {
-        ("HashGather", "default"): hash_gather,
-        ("PrunedGather", "packed"): pruned_gather,
-        ("PrunedGather", "empty"): pruned_gather_empty,
-        ("QuantizedGather", "int8"): quantized_gather_int8,
-        ("QuantizedGather", "fp16"): quantized_gather_fp16,
-        ("LMAGather", "default"): lma_gather,
-        ("ROBEGather", "default"): robe_gather,
-    }
-    if (op_type, overload) not in builders:
-        raise ValueError(f"no ctrserve function {op_type} (overload {overload!r})")
-    return builders[(op_type, overload)]()
-
-
-def functions_for(nodes: Sequence[NodeProto]) -> list[onnx.FunctionProto]:
-    """One function per distinct (op, overload) among the ``ctrserve`` nodes."""
-    wanted = sorted({(n.op_type, n.overload) for n in nodes if n.domain == DOMAIN})
-    return [function_for(op_type, overload) for op_type, overload in wanted]

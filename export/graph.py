@@ -5,9 +5,10 @@ int64 [N, n_tables] (ids after the feature transform). Output: ``probability`` f
 
 Every table's stored tensors (``EmbeddingTable.inference_tensors``) become initializers named
 ``<table>/<tensor>``, in their stored dtypes; the memory shared by LMA (or ROBE) tables is one
-initializer ``shared/<scheme>/memory`` fed to all of them. Full tables are a standard ``Gather``;
-every compressed table is one ``ctrserve`` node (see ``functions.py``). The MLPs and DLRM's
-pairwise interaction are standard ops with initializers under ``dense/``.
+initializer ``shared/<scheme>/memory`` fed to all of them. A table becomes its scheme's node
+(``table_nodes.py``): a standard ``Gather`` for a full table, one ``ctrserve`` node calling a
+model-local function (``functions.py``) for every compressed table. The MLPs and DLRM's pairwise
+interaction are standard ops with initializers under ``dense/``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ctrserve.models.dlrm import DLRM, CTRModel, LogisticRegression
-from ctrserve.models.embeddings import EmbeddingTable
-from ctrserve.models.embeddings.base import FLOAT32_BYTES
+from ctrserve.models.embeddings.base import EmbeddingTable
+from ctrserve.models.embeddings.constants import FLOAT32_BYTES
+from ctrserve.models.embeddings.shared_memory import SharedMemoryTable
 
-from .functions import DOMAIN, DOMAIN_VERSION, OPSET, functions_for
+from .functions import DOMAIN, DOMAIN_VERSION, OPSET
+from .table_nodes import IDS, TableNode, scheme_export
 
 #: IR version 10 is the first with function overloads.
 IR_VERSION = 10
@@ -70,56 +73,33 @@ class GraphBuilder:
 
 
 def _table_node(graph: GraphBuilder, name: str, table: EmbeddingTable, ids: str,
-                shared: dict[str, str]) -> tuple[str, TableExport]:
-    """Adds ``table``'s node reading ``ids``; returns the embedding's name and its record."""
+                shared: dict[str, str]) -> tuple[str, TableExport, TableNode]:
+    """Adds ``table``'s node reading ``ids``; returns the embedding's name, the table's record
+    and its node."""
+    node = scheme_export(table).node(table)
     tensors = table.inference_tensors()
-    own = {key: value for key, value in tensors.items() if key != "memory"}
-    names = {key: graph.initializer(f"{name}/{key}", value) for key, value in own.items()}
-    scheme = table.scheme
+    inputs = {IDS: ids}
     memory, share = None, 0
-    if scheme in ("lma", "robe"):
-        memory = names["memory"] = shared[scheme]
+    if isinstance(table, SharedMemoryTable):
+        memory = inputs["memory"] = shared[table.scheme]
         share = int(tensors["memory"].numel()) * FLOAT32_BYTES
-    attributes: dict = {}
-    overload = "default"
-    if scheme == "full":
-        output = graph.op("Gather", names["weight"], ids, output=f"{name}/embedding", axis=0)
-        return output, TableExport(name, scheme, "Gather", [names["weight"]])
-    if scheme == "hash":
-        op_type, inputs = "HashGather", ["weight", "buckets"]
-    elif scheme in ("qr", "kpart"):
-        partitions = len(table.radices)
-        op_type = "QRGather"
-        inputs = ["radices", *(f"weight{j}" for j in range(partitions))]
-        overload = f"{table.operation}{partitions}"
-        attributes = {"operation": table.operation, "partitions": partitions}
-    elif scheme == "pep":
-        op_type, inputs = "PrunedGather", ["values", "offsets", "mask_bits", "dim"]
-        overload = "packed" if own["values"].numel() else "empty"
-    elif scheme in ("int8", "fp16"):
-        op_type = "QuantizedGather"
-        inputs = ["codes", "scale", "offset"] if scheme == "int8" else ["weight"]
-        overload, attributes = scheme, {"kind": scheme}
-    elif scheme == "lma":
-        op_type, inputs = "LMAGather", ["memory", "signatures", "coefficients"]
-    elif scheme == "robe":
-        op_type, inputs = "ROBEGather", ["memory", "coefficients", "block"]
-        attributes = {"dim": table.dim}
-    else:
-        raise ValueError(f"table {name}: no ONNX export for scheme {scheme!r}")
-    output = graph.op(op_type, ids, *(names[key] for key in inputs), output=f"{name}/embedding",
-                      domain=DOMAIN, overload=overload, **attributes)
-    return output, TableExport(name, scheme, op_type, [names[key] for key in inputs], memory,
-                               share)
+    for key in node.inputs:
+        if key not in inputs:
+            inputs[key] = graph.initializer(f"{name}/{key}", tensors[key])
+    output = graph.op(node.op_type, *(inputs[key] for key in node.inputs),
+                      output=f"{name}/embedding", domain=node.domain, overload=node.overload,
+                      **node.attributes)
+    stored = [inputs[key] for key in node.inputs if key != IDS]
+    return output, TableExport(name, table.scheme, node.op_type, stored, memory, share), node
 
 
-def _shared_memories(graph: GraphBuilder, model: CTRModel) -> dict[str, str]:
+def _shared_memories(graph: GraphBuilder, tables: list[EmbeddingTable]) -> dict[str, str]:
+    """One initializer per shared memory, ``shared/<scheme>/memory``, by scheme."""
     memories: dict[str, str] = {}
-    for table in model.tables:
-        if table.scheme in ("lma", "robe") and table.scheme not in memories:
+    for table in tables:
+        if isinstance(table, SharedMemoryTable) and table.scheme not in memories:
             values = table.memory.weight()
-            name = graph.initializer(f"shared/{table.scheme}/memory", values)
-            memories[table.scheme] = name
+            memories[table.scheme] = graph.initializer(f"shared/{table.scheme}/memory", values)
     return memories
 
 
@@ -171,19 +151,24 @@ def _lr_logit(graph: GraphBuilder, model: LogisticRegression, embedded: list[str
 def build_graph(model: CTRModel, name: str = "ctr") -> tuple[onnx.ModelProto, list[TableExport]]:
     """The model as ONNX, with each table's record (in column order)."""
     graph = GraphBuilder()
-    n_tables = len(model.tables)
-    shared = _shared_memories(graph, model)
+    model_tables = model.embedding_tables()
+    n_tables = len(model_tables)
+    shared = _shared_memories(graph, model_tables)
     axis = graph.initializer("dense/ids_axis", np.array([1], dtype=np.int64))
     columns = [f"ids/{table_name}" for table_name in model.table_names]
     split = helper.make_node("Split", [SPARSE_INPUT], [f"{c}/column" for c in columns],
                              name="Split_ids", axis=1, num_outputs=n_tables)
     graph.nodes.append(split)
     embedded, tables = [], []
-    for table_name, table, column in zip(model.table_names, model.tables, columns, strict=True):
+    functions: dict[tuple[str, str], onnx.FunctionProto] = {}
+    for table_name, table, column in zip(model.table_names, model_tables, columns, strict=True):
         ids = graph.op("Squeeze", f"{column}/column", axis, output=column)
-        output, record = _table_node(graph, table_name, table, ids, shared)
+        output, record, node = _table_node(graph, table_name, table, ids, shared)
         embedded.append(output)
         tables.append(record)
+        build_function = scheme_export(table).function
+        if build_function is not None and node.function_key not in functions:
+            functions[node.function_key] = build_function(node)
     if isinstance(model, DLRM):
         logit = _dlrm_logit(graph, model, embedded)
     elif isinstance(model, LogisticRegression):
@@ -204,7 +189,7 @@ def build_graph(model: CTRModel, name: str = "ctr") -> tuple[onnx.ModelProto, li
         proto,
         opset_imports=[helper.make_opsetid("", OPSET),
                        helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-        functions=functions_for(graph.nodes),
+        functions=[functions[key] for key in sorted(functions)],
         ir_version=IR_VERSION,
         producer_name="ctrserve",
     )

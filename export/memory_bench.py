@@ -25,25 +25,38 @@ import torch
 
 from ctrserve.models.checkpoint import save_checkpoint
 from ctrserve.models.dlrm import ModelConfig, build_model
-from ctrserve.models.embeddings import EmbeddingConfig, PEPTable, SchemeConfig
-from ctrserve.models.embeddings.quantized import quantize_model
+from ctrserve.models.embeddings.pep import PEPTable
+from ctrserve.models.embeddings.scheme_settings import (
+    EmbeddingConfig,
+    FP16Settings,
+    FullSettings,
+    HashSettings,
+    Int8Settings,
+    KPartSettings,
+    LMASettings,
+    PEPSettings,
+    QRSettings,
+    RobeSettings,
+    SchemeSettings,
+)
 from ctrserve.models.generate import CRITEO_CARDINALITIES
-from ctrserve.models.schema import CategoricalColumn, DatasetSpec
+from ctrserve.models.quantize import quantize_model
+from ctrserve.models.schema import CategoricalColumn, DatasetSpec, LabelRule
 from ctrserve.models.transform import CategoricalEncoder, DenseEncoder, FeatureTransform
 
 from .exporter import export_checkpoint
 
-SCHEMES: dict[str, SchemeConfig] = {
-    "full": SchemeConfig("full"),
-    "int8": SchemeConfig("int8", min_rows=2000),
-    "fp16": SchemeConfig("fp16", min_rows=2000),
-    "hash 4x": SchemeConfig("hash", min_rows=2000, compression=4),
-    "qr 4 (mult)": SchemeConfig("qr", min_rows=2000, collisions=4),
-    "qr 60 (mult)": SchemeConfig("qr", min_rows=2000, collisions=60),
-    "kpart 3": SchemeConfig("kpart", min_rows=2000, partitions=3),
-    "pep 10%": SchemeConfig("pep", min_rows=2000),
-    "lma 8x": SchemeConfig("lma", min_rows=2000, compression=8),
-    "robe 16x": SchemeConfig("robe", min_rows=2000, compression=16),
+SCHEMES: dict[str, SchemeSettings] = {
+    "full": FullSettings(),
+    "int8": Int8Settings(min_rows=2000),
+    "fp16": FP16Settings(min_rows=2000),
+    "hash 4x": HashSettings(min_rows=2000, compression=4),
+    "qr 4 (mult)": QRSettings(min_rows=2000, collisions=4),
+    "qr 60 (mult)": QRSettings(min_rows=2000, collisions=60),
+    "kpart 3": KPartSettings(min_rows=2000, partitions=3),
+    "pep 10%": PEPSettings(min_rows=2000),
+    "lma 8x": LMASettings(min_rows=2000, compression=8),
+    "robe 16x": RobeSettings(min_rows=2000, compression=16),
 }
 
 _MEASURE = """
@@ -68,7 +81,7 @@ print(json.dumps({"before": before, "after_load": after_load, "after_run": rss()
 def _transform(sizes: list[int], n_dense: int) -> FeatureTransform:
     """A transform whose vocabularies give tables of exactly ``sizes`` rows."""
     columns = [CategoricalColumn(f"C{i + 1}", "int") for i in range(len(sizes))]
-    spec = DatasetSpec(label="label", dense=tuple(f"I{i + 1}" for i in range(n_dense)),
+    spec = DatasetSpec(label=LabelRule("label"), dense=tuple(f"I{i + 1}" for i in range(n_dense)),
                        categorical=tuple(columns))
     categorical = [
         CategoricalEncoder(column, "vocab", vocabulary=np.arange(n - 2, dtype=np.uint64))
@@ -77,7 +90,7 @@ def _transform(sizes: list[int], n_dense: int) -> FeatureTransform:
     return FeatureTransform(spec, [DenseEncoder(name) for name in spec.dense], categorical)
 
 
-def build_checkpoint(scheme: SchemeConfig, sizes: list[int], pep_keep: float,
+def build_checkpoint(scheme: SchemeSettings, sizes: list[int], pep_keep: float,
                      out: Path) -> None:
     torch.manual_seed(0)
     transform = _transform(sizes, 13)
@@ -86,7 +99,7 @@ def build_checkpoint(scheme: SchemeConfig, sizes: list[int], pep_keep: float,
     training = replace(config, embeddings=config.embeddings.for_training())
     names = [c.name for c in transform.spec.categorical]
     model = build_model(13, sizes, names, training)
-    for table in model.tables:
+    for table in model.embedding_tables():
         if isinstance(table, PEPTable):
             table.fix_mask(torch.rand(table.num_embeddings, table.dim) < pep_keep)
     quantize_model(model, config.embeddings)

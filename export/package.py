@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,17 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 TRANSFORM_DIR = "transform"
 _HASH_CHUNK = 1 << 20
+#: Model names, one rule for the exporter and the server: a plain directory name of letters,
+#: digits, ``_``, ``.`` and ``-`` (no separators, spaces or leading dot), at most 128 characters.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 class PackageError(Exception):
     """A package that is missing, damaged or of a format this version cannot read."""
+
+
+def valid_model_name(name: str) -> bool:
+    return MODEL_NAME.fullmatch(name) is not None
 
 
 def sha256_of(path: Path) -> str:
@@ -130,4 +138,18 @@ def versions(model_directory: str | Path) -> list[int]:
         int(child.name) for child in model_directory.iterdir()
         if child.is_dir() and child.name.isascii() and child.name.isdigit()
         and int(child.name) > 0
+    )
+
+
+def model_names(repo: str | Path) -> list[str]:
+    """The models of a repository: directories with a valid model name and at least one version,
+    lying inside the repository (a symbolic link out of it is not a model)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    root = repo.resolve()
+    return sorted(
+        child.name for child in repo.iterdir()
+        if child.is_dir() and valid_model_name(child.name)
+        and child.resolve().is_relative_to(root) and versions(child)
     )

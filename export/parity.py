@@ -76,7 +76,7 @@ def session_options() -> ort.SessionOptions:
 def check_parity(model: CTRModel, session: ort.InferenceSession, seed: int = 0) -> ParityResult:
     """Max |p_torch - p_onnx| over the parity batches."""
     model.eval()
-    sizes = [table.num_embeddings for table in model.tables]
+    sizes = [table.num_embeddings for table in model.embedding_tables()]
     worst, rows, names = 0.0, 0, []
     for description, dense, sparse in parity_batches(sizes, model.n_dense, seed):
         expected = torch.sigmoid(model(torch.from_numpy(dense), torch.from_numpy(sparse))).numpy()

@@ -14,12 +14,14 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
-import orjson
 
 from ctrserve.models.schema import RawBatch
+from ctrserve.service.friendly import decode_score_request
 
 from .payloads import RowPool
 
@@ -38,7 +40,9 @@ def session_for(package: Path, threads: int = 1) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-def timed(call, count: int, seconds: float) -> tuple[int, float]:
+def timed(call: Callable[[int], object], count: int, seconds: float) -> tuple[int, float]:
+    """Calls ``call(i)`` for i cycling through ``range(count)`` (after a few warm-up calls)
+    until ``seconds`` have passed: the calls made and the seconds they took."""
     for index in range(min(count, 4)):  # warm-up
         call(index)
     calls = 0
@@ -56,8 +60,6 @@ def measure(package: str | Path, sizes: list[int], seconds: float = 3.0,
             with_transform: bool = True) -> list[dict]:
     """Rows per second and mean batch time for each size (session only, and with the
     transform)."""
-    from ctrserve.service.friendly import decode_score_request
-
     package = Path(package)
     pool = RowPool(package, rows=max(4096, 2 * max(sizes)), data=data)
     session = session_for(package, threads)
@@ -67,22 +69,19 @@ def measure(package: str | Path, sizes: list[int], seconds: float = 3.0,
         windows = [pool.window(i * rows * 7 % pool.size, rows) for i in range(WINDOWS)]
         feeds = [{"sparse": pool.sparse[w], **({"dense": pool.dense[w]} if with_dense else {})}
                  for w in windows]
-        calls, elapsed = timed(lambda i, feeds=feeds: session.run(None, feeds[i]),
-                                WINDOWS, seconds)
+
+        def run_session(i: int, feeds: list[dict[str, np.ndarray]] = feeds) -> object:
+            return session.run(None, feeds[i])
+
+        calls, elapsed = timed(run_session, WINDOWS, seconds)
         results.append({"what": "session", "rows": rows, "threads": threads, "calls": calls,
                         "seconds": elapsed, "rows_per_s": calls * rows / elapsed,
                         "batches_per_s": calls / elapsed, "ms_per_batch": 1e3 * elapsed / calls})
         if not with_transform:
             continue
-        batches = []
-        for window in windows:
-            body = orjson.dumps({"columns": {name: [values[i] for i in window]
-                                             for name, values in pool.columns.items()}})
-            features = decode_score_request(body, pool.transform, 1 << 30)
-            batches.append(RawBatch(labels=None, dense=features.dense_columns,
-                                    categorical=features.categorical_columns))
+        batches = decoded_batches(pool, windows)
 
-        def transform_and_run(i: int, batches=batches) -> None:
+        def transform_and_run(i: int, batches: list[RawBatch] = batches) -> None:
             transformed = pool.transform.transform(batches[i])
             feed = {"sparse": transformed.sparse}
             if with_dense:
@@ -95,6 +94,18 @@ def measure(package: str | Path, sizes: list[int], seconds: float = 3.0,
                         "batches_per_s": calls / elapsed,
                         "ms_per_batch": 1e3 * elapsed / calls})
     return results
+
+
+def decoded_batches(pool: RowPool, windows: list[np.ndarray]) -> list[RawBatch]:
+    """The pool's rows at each of ``windows`` as the service has them before its transform:
+    a columnar JSON body decoded by the friendly API's codec."""
+    batches = []
+    for window in windows:
+        features = decode_score_request(pool.body("columns", window).data, pool.transform,
+                                        1 << 30)
+        batches.append(RawBatch(labels=None, dense=features.dense,
+                                categorical=features.categorical))
+    return batches
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ctrserve.models.schema import RawBatch
 from ctrserve.service.friendly import decode_score_request
 
-from .ceiling import WINDOWS, timed
+from .ceiling import WINDOWS, decoded_batches, timed
 from .payloads import RowPool
 
 
@@ -27,14 +27,15 @@ def measure(package: str | Path, sizes: list[int], seconds: float = 3.0,
     for rows in sizes:
         windows = [pool.window(i * rows * 7 % pool.size, rows) for i in range(WINDOWS)]
         bodies = [pool.body("columns", window).data for window in windows]
+        batches = decoded_batches(pool, windows)
 
-        def decode(i: int, bodies=bodies):
+        def decode(i: int, bodies: list[bytes] = bodies) -> object:
             return decode_score_request(bodies[i], pool.transform, 1 << 30)
 
-        batches = [RawBatch(labels=None, dense=f.dense_columns, categorical=f.categorical_columns)
-                   for f in map(decode, range(WINDOWS))]
-        for what, call in (("decode", decode),
-                           ("transform", lambda i, b=batches: pool.transform.transform(b[i]))):
+        def transform(i: int, batches: list[RawBatch] = batches) -> object:
+            return pool.transform.transform(batches[i])
+
+        for what, call in (("decode", decode), ("transform", transform)):
             calls, elapsed = timed(call, WINDOWS, seconds)
             results.append({"what": what, "rows": rows, "us_per_request": 1e6 * elapsed / calls})
     return results

@@ -16,7 +16,8 @@ other (its own affinity), then measures, as asked with ``--experiments``:
   rate (the closed-loop peak), batching on and off, latency from each scheduled send time; the
   max rate whose p99 meets ``--bound-ms``;
 - ``grid``: throughput against the batcher's ``max_queue_delay_us`` and ``max_batch_rows``;
-- ``profile``: py-spy samples of the service under load, grouped by where the time goes.
+- ``profile``: py-spy samples of the service under load, grouped by where the time goes
+  (``profiles.py``).
 
 Writes ``results.json``, ``report.md`` and PNG plots to ``--out`` (``report.py``).
 """
@@ -32,18 +33,21 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from . import load
 from .options import EXPERIMENTS, BenchConfig, config_from
-from .payloads import RowPool
+from .payloads import Body, RowPool
+from .profiles import summarise_profile
+from .report import write_report
 from .servers import (
     CLOCK_TICKS,
     ParseOnlyServer,
     ServerProcess,
     ServiceServer,
     no_work_server,
+    pinned,
 )
 
 
@@ -59,24 +63,25 @@ class Bench:
     def service(self, *flags: str) -> ServiceServer:
         return ServiceServer(self.config.package, list(flags), self.config.server_cpu, self.logs)
 
-    def measure(self, server: ServerProcess, bodies, mode: str, tags: dict, *,
+    def measure(self, server: ServerProcess, bodies: list[Body], tags: dict[str, Any], *,
                 concurrency: int | None = None, rate: float | None = None,
-                duration_s: float | None = None) -> dict:
-        """One load run against ``server``: the generator's result with the server's CPU use,
-        and (for the service) its batches over the window."""
+                duration_s: float | None = None) -> dict[str, Any]:
+        """One load run against ``server``, a closed loop of ``concurrency`` clients or Poisson
+        arrivals at ``rate``: the generator's result with the server's CPU use, and (for the
+        service) its batches over the window."""
         c = self.config
         duration = duration_s or c.duration_s
         stats_before = _stats(server)
         steal_before = _steal_ticks(c.server_cpu)
         cpu_before, started = server.cpu_seconds(), time.monotonic()
-        if mode == "closed":
-            result = load.run(lambda: load.closed_loop(server.url, bodies, concurrency,
-                                                       duration, c.warmup_s, c.timeout_s,
-                                                       c.client))
+        if concurrency is not None:
+            result = load.run(load.closed_loop(server.url, bodies, concurrency, duration,
+                                               c.warmup_s, c.timeout_s, c.client))
+        elif rate is not None:
+            result = load.run(load.open_loop(server.url, bodies, rate, duration, c.warmup_s,
+                                             c.timeout_s, c.max_in_flight, c.seed, c.client))
         else:
-            result = load.run(lambda: load.open_loop(server.url, bodies, rate, duration,
-                                                     c.warmup_s, c.timeout_s, c.max_in_flight,
-                                                     c.seed, c.client))
+            raise ValueError("measure needs concurrency (closed loop) or rate (open loop)")
         elapsed = time.monotonic() - started
         record = {**tags, **result.to_dict(),
                   "server_cpu": (server.cpu_seconds() - cpu_before) / elapsed,
@@ -135,10 +140,8 @@ class Bench:
                    "--seconds", str(c.ceiling_s)]
         if c.data:
             command += ["--data", str(c.data)]
-        if c.server_cpu is not None:
-            command = ["taskset", "-c", str(c.server_cpu), *command]
-        done = subprocess.run(command, capture_output=True, text=True, check=True,
-                              timeout=600 + 10 * c.ceiling_s)
+        done = subprocess.run(pinned(command, c.server_cpu), capture_output=True, text=True,
+                              check=True, timeout=600 + 10 * c.ceiling_s)
         results = json.loads(done.stdout.strip().splitlines()[-1])["results"]
         for record in results:
             self.log(f"ceiling {record['what']:>20} {record['rows']:>5} rows: "
@@ -152,7 +155,7 @@ class Bench:
             for rows, clients in ((1, c.single_clients), (c.rows, max(c.concurrency)),
                                   (c.open_rows, max(c.open_concurrency))):
                 bodies = self.pool.bodies("v2-binary", rows, 64)
-                records.append(self.measure(server, bodies, "closed",
+                records.append(self.measure(server, bodies,
                                             {"target": server.kind, "api": "v2-binary"},
                                             concurrency=clients))
         return records
@@ -166,14 +169,14 @@ class Bench:
                     bodies = self.pool.bodies(api, c.rows, 64)
                     for clients in c.concurrency:
                         records.append(self.measure(
-                            server, bodies, "closed",
+                            server, bodies,
                             {"target": "service", "api": api, "batching": batching},
                             concurrency=clients))
         with ParseOnlyServer(c.package, c.server_cpu, self.logs) as server:
             for api in c.apis:
                 bodies = self.pool.bodies(api, c.rows, 64)
                 for clients in c.concurrency:
-                    records.append(self.measure(server, bodies, "closed",
+                    records.append(self.measure(server, bodies,
                                                 {"target": "parse-only", "api": api},
                                                 concurrency=clients))
         return records
@@ -185,12 +188,12 @@ class Bench:
             with self.service(*([] if batching else ["--no-batching"])) as server:
                 for api in c.single_apis:
                     records.append(self.measure(
-                        server, self.pool.bodies(api, 1, 256), "closed",
+                        server, self.pool.bodies(api, 1, 256),
                         {"target": "service", "api": api, "batching": batching},
                         concurrency=c.single_clients))
         with ParseOnlyServer(c.package, c.server_cpu, self.logs) as server:
             for api in c.single_apis:
-                records.append(self.measure(server, self.pool.bodies(api, 1, 256), "closed",
+                records.append(self.measure(server, self.pool.bodies(api, 1, 256),
                                             {"target": "parse-only", "api": api},
                                             concurrency=c.single_clients))
         return records
@@ -204,14 +207,14 @@ class Bench:
             label = "on" if batching else "off"
             with self.service(*([] if batching else ["--no-batching"])) as server:
                 tags = {"target": "service", "api": "v2-binary", "batching": batching}
-                sweep = [self.measure(server, bodies, "closed", tags, concurrency=clients)
+                sweep = [self.measure(server, bodies, tags, concurrency=clients)
                          for clients in c.open_concurrency]
                 out["sustained"] += sweep
                 peak = max(r["req_per_s"] for r in sweep if not r["errors"])
                 out[f"max_sustained_{label}"] = peak
                 # The same offered rates for on and off (off alone: its own peak).
                 reference = out.get("max_sustained_on", peak)
-                runs = [self.measure(server, bodies, "open", {**tags, "fraction": f},
+                runs = [self.measure(server, bodies, {**tags, "fraction": f},
                                      rate=f * reference) for f in c.fractions]
                 runs += self._refine(server, bodies, tags, runs, reference)
                 out["poisson"] += runs
@@ -223,7 +226,7 @@ class Bench:
     def _refine(self, server, bodies, tags, runs, reference) -> list[dict]:
         """Bisection between the highest passing rate and the lowest failing one above it."""
         c = self.config
-        extra = []
+        extra: list[dict[str, Any]] = []
         for _ in range(c.refine_steps):
             every = runs + extra
             passing = [r["offered_rate"] for r in every if _meets(r, c.bound_ms)]
@@ -233,7 +236,7 @@ class Bench:
             if not failing or not passing:
                 break
             rate = (low + min(failing)) / 2
-            extra.append(self.measure(server, bodies, "open",
+            extra.append(self.measure(server, bodies,
                                       {**tags, "fraction": rate / reference, "refine": True},
                                       rate=rate))
         return extra
@@ -249,10 +252,10 @@ class Bench:
                 with self.service(*flags) as server:
                     tags = {"target": "service", "api": "v2-binary", "batching": True,
                             "max_queue_delay_us": delay, "max_batch_rows": size}
-                    records.append(self.measure(server, single, "closed", tags,
+                    records.append(self.measure(server, single, tags,
                                                 concurrency=c.single_clients,
                                                 duration_s=c.grid_duration_s))
-                    records.append(self.measure(server, queries, "closed", tags,
+                    records.append(self.measure(server, queries, tags,
                                                 concurrency=c.grid_concurrency,
                                                 duration_s=c.grid_duration_s))
         return records
@@ -272,12 +275,11 @@ class Bench:
                 path = self.logs / f"profile-{api}-{rows}.txt"
                 command = [spy, "record", "-p", str(server.pid), "-d", str(int(c.profile_s)),
                            "-r", "200", "-f", "raw", "-o", str(path), "--nonblocking"]
-                if c.client_cpu is not None:
-                    command = ["taskset", "-c", str(c.client_cpu), *command]
-                spy_process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                spy_process = subprocess.Popen(pinned(command, c.client_cpu),
+                                               stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL)
                 try:
-                    record = self.measure(server, self.pool.bodies(api, rows, 64), "closed",
+                    record = self.measure(server, self.pool.bodies(api, rows, 64),
                                           {"target": "service", "api": api, "batching": True},
                                           concurrency=clients,
                                           duration_s=c.profile_s - c.warmup_s + 0.5)
@@ -289,44 +291,6 @@ class Bench:
                                  "areas": summarise_profile(path)})
                 self.log(f"profile {api} {rows} rows: {profiles[-1]['areas']}")
         return profiles
-
-
-# -- profile summary ------------------------------------------------------------------------------
-
-#: (area, substrings of a frame) from the most specific; a sample goes to the first area one of
-#: its frames matches, scanning from the innermost frame out.
-AREAS = (
-    ("ONNX Runtime session", ("onnxruntime",)),
-    ("feature transform", ("transform.py", "keys.py")),
-    ("request decoding", ("friendly.py", "v2_codec.py (decode", "_from_binary", "_input (",
-                          "decode_infer_request", "_tensor_features", "_raw_features")),
-    ("response encoding", ("json_response", "encode_infer_response")),
-    ("metrics", ("metrics.py", "prometheus_client")),
-    ("batcher", ("batcher.py",)),
-    ("HTTP server and framework", ("uvicorn", "starlette", "fastapi", "httptools", "h11")),
-    ("event loop", ("asyncio", "uvloop")),
-)
-
-
-def summarise_profile(path: Path) -> dict[str, float]:
-    """Share of samples (active threads only) per area; from py-spy's raw (collapsed) output."""
-    counts: Counter[str] = Counter()
-    if not path.is_file():
-        return {}
-    for line in path.read_text().splitlines():
-        stack, _, number = line.rpartition(" ")
-        if not stack or not number.isdigit():
-            continue
-        frames = stack.split(";")
-        area = "other"
-        for frame in reversed(frames):
-            area = next((name for name, keys in AREAS if any(k in frame for k in keys)), None)
-            if area:
-                break
-        counts[area or "other"] += int(number)
-    total = sum(counts.values())
-    return {area: counts[area] / total for area, _ in (*AREAS, ("other", ()))
-            if counts[area]} if total else {}
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -419,8 +383,6 @@ def machine_info(config: BenchConfig) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .report import write_report
-
     config = config_from(args)
     if not (config.package / "manifest.json").is_file():
         raise FileNotFoundError(f"{config.package}: not a model package (no manifest.json)")

@@ -1,5 +1,7 @@
 """The load generator: an asyncio HTTP client on uvloop (``rawhttp.py``'s minimal keep-alive
-client, or aiohttp's), closed or open loop.
+client, or aiohttp's), closed or open loop. Every benchmark and load test of this package sends
+its requests through here; locust (``locustfile.py``) is the only other client, an outside
+referee.
 
 - Closed loop: ``concurrency`` clients, each sending its next request as soon as the previous
   answer arrived. Latency is from send to the end of the answer.
@@ -11,10 +13,10 @@ client, or aiohttp's), closed or open loop.
 
 Only requests scheduled (open) or sent (closed) inside the measurement window, after
 ``warmup`` seconds, are counted; each of them is awaited to its end, so ``sent == ok + errors``.
-In the open loop the achieved rate is the answers
-over the time from the window's start to the last answer (an overloaded server answers long after
-the window). Errors are counted by kind: ``http_<status>``, ``timeout``, ``connection``,
-``backlog``.
+In the open loop the achieved rate is the answers over the time from the window's start to the
+last answer (an overloaded server answers long after the window). Errors are counted by kind:
+``http_<status>``, ``timeout``, ``connection``, ``backlog``; the latencies of answered errors
+(a 503 refusal, say) are summarised per kind too.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -37,6 +39,10 @@ from .rawhttp import Client, HTTPError
 CLIENTS = ("raw", "aiohttp")
 
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "p99.9": 99.9}
+
+#: ``send(body)``: None when answered 200, else the error kind.
+Send = Callable[[Body], Awaitable[str | None]]
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -52,29 +58,25 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     req_per_s: float = 0.0
     rows_per_s: float = 0.0
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)  # answers with 200
+    #: Per error kind, the latency of the requests that ended with it (none for ``backlog``).
+    error_latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     send_lag_ms: dict[str, float] = field(default_factory=dict)
     client_cpu: float = 0.0  # cores the generator process used during the window
-    extra: dict = field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
 
-    def to_dict(self) -> dict:
-        return {"mode": self.mode, "url": self.url, "rows": self.rows,
-                "duration_s": self.duration_s, "concurrency": self.concurrency,
-                "offered_rate": self.offered_rate, "sent": self.sent, "ok": self.ok,
-                "errors": dict(self.errors), "req_per_s": self.req_per_s,
-                "rows_per_s": self.rows_per_s, "latency_ms": self.latency_ms,
-                "send_lag_ms": self.send_lag_ms, "client_cpu": self.client_cpu, **self.extra}
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def percentiles(values_s: np.ndarray) -> dict[str, float]:
+def percentiles(values_s: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Latency summary in milliseconds (p50, p90, p99, p99.9, mean, max)."""
     if len(values_s) == 0:
         return {}
-    ms = np.asarray(values_s) * 1e3
+    ms = np.asarray(values_s, dtype=np.float64) * 1e3
     summary = {name: float(np.percentile(ms, q)) for name, q in PERCENTILES.items()}
     summary["mean"] = float(ms.mean())
     summary["max"] = float(ms.max())
@@ -89,12 +91,12 @@ def _session(timeout_s: float) -> aiohttp.ClientSession:
 
 
 @contextlib.asynccontextmanager
-async def sender(client: str, base_url: str,
-                 timeout_s: float) -> AsyncIterator[Callable[[Body], Awaitable[str | None]]]:
-    """``send(body)``: None when answered 200, else the error kind."""
+async def sender(client: str, base_url: str, timeout_s: float) -> AsyncIterator[Send]:
+    """``send(body)`` over the chosen client (one of ``CLIENTS``), its connections closed on
+    the way out."""
     if client == "aiohttp":
         async with _session(timeout_s) as session:
-            async def send(body: Body) -> str | None:
+            async def send_aiohttp(body: Body) -> str | None:
                 try:
                     async with session.post(base_url + body.path, data=body.data,
                                             headers=body.headers) as answer:
@@ -104,7 +106,7 @@ async def sender(client: str, base_url: str,
                     return "timeout"
                 except (aiohttp.ClientError, OSError):
                     return "connection"
-            yield send
+            yield send_aiohttp
         return
     if client != "raw":
         raise ValueError(f"unknown client {client!r}; expected one of {', '.join(CLIENTS)}")
@@ -128,17 +130,16 @@ async def closed_loop(base_url: str, bodies: Sequence[Body], concurrency: int,
                       duration_s: float, warmup_s: float = 1.0,
                       timeout_s: float = 30.0, client: str = "raw") -> LoadResult:
     latencies: list[float] = []
-    kinds: Counter[str] = Counter()
+    error_latencies: dict[str, list[float]] = {}
     rows_ok = 0
     async with sender(client, base_url, timeout_s) as send:
-        begin = time.perf_counter()
-        window_start = begin + warmup_s
+        window_start = time.perf_counter() + warmup_s
         window_end = window_start + duration_s
-        cpu_marks: list[float] = []
+        cpu_at_window_start: list[float] = []
 
-        async def client(index: int) -> None:
+        async def user(first: int) -> None:
             nonlocal rows_ok
-            k = index
+            k = first
             while True:
                 started = time.perf_counter()
                 if started >= window_end:
@@ -146,29 +147,34 @@ async def closed_loop(base_url: str, bodies: Sequence[Body], concurrency: int,
                 body = bodies[k % len(bodies)]
                 k += concurrency
                 error = await send(body)
-                if started >= window_start:
-                    if error is None:
-                        latencies.append(time.perf_counter() - started)
-                        rows_ok += body.rows
-                    else:
-                        kinds[error] += 1
+                if started < window_start:
+                    continue
+                elapsed = time.perf_counter() - started
+                if error is None:
+                    latencies.append(elapsed)
+                    rows_ok += body.rows
+                else:
+                    error_latencies.setdefault(error, []).append(elapsed)
 
         async def cpu_marker() -> None:
             await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-            cpu_marks.append(time.process_time())
+            cpu_at_window_start.append(time.process_time())
 
         marker = asyncio.ensure_future(cpu_marker())
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        await asyncio.gather(*(user(i) for i in range(concurrency)))
         await marker
         finished = time.perf_counter()
-        client_cpu = (time.process_time() - cpu_marks[0]) / max(1e-9, finished - window_start)
+        client_cpu = ((time.process_time() - cpu_at_window_start[0])
+                      / max(1e-9, finished - window_start))
     ok = len(latencies)
-    result = LoadResult("closed", base_url, float(np.mean([b.rows for b in bodies])),
-                        duration_s, concurrency=concurrency, sent=ok + sum(kinds.values()),
-                        ok=ok, errors=dict(kinds), req_per_s=ok / duration_s,
-                        rows_per_s=rows_ok / duration_s,
-                        latency_ms=percentiles(np.array(latencies)), client_cpu=client_cpu)
-    return result
+    errors = {kind: len(values) for kind, values in error_latencies.items()}
+    return LoadResult(
+        "closed", base_url, float(np.mean([b.rows for b in bodies])), duration_s,
+        concurrency=concurrency, sent=ok + sum(errors.values()), ok=ok, errors=errors,
+        req_per_s=ok / duration_s, rows_per_s=rows_ok / duration_s,
+        latency_ms=percentiles(latencies),
+        error_latency_ms={kind: percentiles(v) for kind, v in error_latencies.items()},
+        client_cpu=client_cpu)
 
 
 def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> np.ndarray:
@@ -187,12 +193,12 @@ async def open_loop(base_url: str, bodies: Sequence[Body], rate: float, duration
                     seed: int = 0, client: str = "raw") -> LoadResult:
     schedule = poisson_schedule(rate, warmup_s + duration_s, seed)
     n = len(schedule)
-    latency = np.full(n, np.nan)
-    lag = np.full(n, np.nan)
+    latency = np.full(n, np.nan)  # from the scheduled send to the end of the answer
+    lag = np.full(n, np.nan)  # from the scheduled send to the actual one
     done_at = np.full(n, np.nan)
     error_of: list[str | None] = [None] * n
     in_flight = 0
-    tasks: list[asyncio.Task] = []
+    tasks: list[asyncio.Future[None]] = []
     async with sender(client, base_url, timeout_s) as send:
         begin = time.perf_counter()
         due = begin + schedule
@@ -207,7 +213,7 @@ async def open_loop(base_url: str, bodies: Sequence[Body], rate: float, duration
             done_at[index] = time.perf_counter()
             latency[index] = done_at[index] - due[index]
 
-        cpu_start = None
+        cpu_start: tuple[float, float] | None = None  # (process time, wall time)
         index = 0
         while index < n:
             now = time.perf_counter()
@@ -228,8 +234,16 @@ async def open_loop(base_url: str, bodies: Sequence[Body], rate: float, duration
             cpu_start = (time.process_time(), finished)
         client_cpu = (time.process_time() - cpu_start[0]) / max(1e-9, finished - cpu_start[1])
     counted = schedule >= warmup_s
-    errors = Counter(error_of[i] for i in np.flatnonzero(counted) if error_of[i] is not None)
     good = counted & np.array([e is None for e in error_of])
+    errors: dict[str, int] = {}
+    error_latencies: dict[str, list[float]] = {}
+    for i in np.flatnonzero(counted):
+        kind = error_of[i]
+        if kind is None:
+            continue
+        errors[kind] = errors.get(kind, 0) + 1
+        if not np.isnan(latency[i]):  # sent (not a backlog refusal)
+            error_latencies.setdefault(kind, []).append(float(latency[i]))
     rows = np.array([bodies[i % len(bodies)].rows for i in range(n)])
     # Achieved rate: answers over the time they took to come back, the window at least (an
     # overloaded server answers the window's requests long after it).
@@ -238,21 +252,23 @@ async def open_loop(base_url: str, bodies: Sequence[Body], rate: float, duration
         span = max(duration_s, float(np.nanmax(done_at[good])) - (begin + warmup_s))
     return LoadResult(
         "open", base_url, float(rows[counted].mean()) if counted.any() else 0.0, duration_s,
-        offered_rate=rate, sent=int(counted.sum()), ok=int(good.sum()), errors=dict(errors),
+        offered_rate=rate, sent=int(counted.sum()), ok=int(good.sum()), errors=errors,
         req_per_s=float(good.sum()) / span, rows_per_s=float(rows[good].sum()) / span,
         latency_ms=percentiles(latency[good]),
+        error_latency_ms={kind: percentiles(v) for kind, v in error_latencies.items()},
         send_lag_ms=percentiles(lag[counted & ~np.isnan(lag)]), client_cpu=client_cpu,
     )
 
 
-def run(coroutine_factory: Callable[[], Coroutine]):
-    """Runs a load coroutine on a fresh uvloop event loop (asyncio's own where uvloop is
-    absent)."""
+def run(load: Coroutine[Any, Any, Result]) -> Result:
+    """Runs a load coroutine (``closed_loop(...)``, ``open_loop(...)``) to its end on a fresh
+    uvloop event loop (asyncio's own where uvloop is absent: it is not built for Windows)."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
     try:
         import uvloop
 
-        factory = uvloop.new_event_loop
+        loop_factory = uvloop.new_event_loop
     except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coroutine_factory())
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(load)

@@ -133,6 +133,8 @@ class ScoringUser(FastHttpUser):
 
     @task(int(MIX.get("entities", 0)) if RANK else 0)
     def rank_entities(self) -> None:
+        if RANK is None:  # never picked then: its weight is 0
+            return
         entity, prefix, count = RANK["entity"]
         candidate, item_prefix, items = RANK["candidate"]
         n = int(self._next(_sizes))
@@ -141,7 +143,8 @@ class ScoringUser(FastHttpUser):
                 "context": RANK.get("context", {}),
                 "candidates": [{candidate: f"{item_prefix}{int(i)}"} for i in chosen]}
         with self.client.post(f"/v1/models/{RANK.get('model', MODEL)}/rank",
-                              data=orjson.dumps(body),
+                              # locust annotates data as str | dict, but sends bytes as they are
+                              data=orjson.dumps(body),  # type: ignore[arg-type]
                               headers={"Content-Type": "application/json"},
                               name="rank entities", catch_response=True) as answer:
             _check_json(answer, n)

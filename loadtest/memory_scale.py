@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[str, dict, float]] = {
 def build(slug: str, work: Path) -> dict:
     from ctrserve.export.exporter import export_checkpoint
     from ctrserve.export.memory_bench import build_checkpoint
-    from ctrserve.models.embeddings import SchemeConfig
+    from ctrserve.models.embeddings.scheme_settings import settings_from_dict
     from ctrserve.models.generate import CRITEO_CARDINALITIES
 
     _, settings, keep = VARIANTS[slug]
@@ -65,7 +65,7 @@ def build(slug: str, work: Path) -> dict:
         return {"slug": slug, "built": "already"}
     checkpoint = work / f"checkpoint-{slug}"
     started = time.monotonic()
-    scheme = SchemeConfig(min_rows=2000, **settings)
+    scheme = settings_from_dict({**settings, "min_rows": 2000})
     build_checkpoint(scheme, list(CRITEO_CARDINALITIES), keep, checkpoint)
     built = time.monotonic()
     export_checkpoint(checkpoint, work / "repo", slug, version=1, overwrite=True,
@@ -105,11 +105,10 @@ def serve(slug: str, work: Path, rate: float, rows: int, duration: float, warmup
         record["start_to_ready_s"] = server.wait_ready(timeout=1800)
         record["model_load_s"] = _metric(server.url, "ctrserve_model_load_seconds_sum")
         record["rss_ready_bytes"] = server.resident_bytes()
-        result = load.run(lambda: load.open_loop(server.url, bodies, rate, duration, warmup,
-                                                 30.0, 4096, 0))
+        result = load.run(load.open_loop(server.url, bodies, rate, duration, warmup))
         record["fixed_load"] = result.to_dict()
         record["rss_after_load_bytes"] = server.resident_bytes()
-        peak = load.run(lambda: load.closed_loop(server.url, bodies, 8, duration / 2, warmup))
+        peak = load.run(load.closed_loop(server.url, bodies, 8, duration / 2, warmup))
         record["closed_peak"] = peak.to_dict()
         record["rss_after_peak_bytes"] = server.resident_bytes()
     finally:

@@ -1,10 +1,12 @@
-"""Options of ``ctrserve bench serve`` (``driver.py``), kept free of heavy imports: the
-``ctrserve`` command builds its parser from them for every sub-command."""
+"""Options of ``ctrserve bench serve`` (``driver.py``). The ``ctrserve`` command builds its
+parser from them for every sub-command, also on an install without the bench extra, so this
+module imports the standard library only."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,8 @@ class BenchConfig:
     client: str = "raw"
     max_in_flight: int = 4096
     seed: int = 0
-    log: object = field(default=print, repr=False)
+    #: Where progress lines go.
+    log: Callable[[str], None] = field(default=print, repr=False)
 
 
 # -- command line ---------------------------------------------------------------------------------

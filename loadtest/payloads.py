@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ctrserve.models.schema import RawBatch
 from ctrserve.models.transform import FeatureTransform
@@ -153,10 +155,11 @@ def _synthesise(transform: FeatureTransform, rows: int,
     power of a uniform draw picks low positions more often), dense counts from a long tail,
     ``MISSING_SHARE`` of the values missing."""
     columns: dict[str, list] = {}
-    for encoder in transform.dense:
-        values = np.floor(rng.lognormal(1.0, 1.5, rows)).astype(np.int64).tolist()
-        columns[encoder.name] = _with_missing(values, rng)
+    for dense in transform.dense:
+        counts = np.floor(rng.lognormal(1.0, 1.5, rows)).astype(np.int64).tolist()
+        columns[dense.name] = _with_missing(counts, rng)
     for encoder in transform.categorical:
+        values: list[int] | list[str]
         kind = encoder.column.kind
         if encoder.mode == "vocab" and len(encoder.vocabulary) and kind in ("int", "hex"):
             keys = encoder.vocabulary
@@ -186,18 +189,17 @@ def _with_missing(values: list, rng: np.random.Generator) -> list:
 
 def _read_rows(path: Path, rows: int, transform: FeatureTransform) -> dict[str, list]:
     """The first ``rows`` rows of a Parquet file as JSON-ready column lists (NaN -> None)."""
-    import pyarrow.parquet as pq
-
     wanted = [e.name for e in transform.dense] + [e.column.name for e in transform.categorical]
     file = pq.ParquetFile(path)
     present = [name for name in wanted if name in file.schema_arrow.names]
-    table = None
+    parts = []
     for group in range(file.num_row_groups):
-        part = file.read_row_group(group, columns=present)
-        table = part if table is None else _concat(table, part)
-        if table.num_rows >= rows:
+        parts.append(file.read_row_group(group, columns=present))
+        if sum(part.num_rows for part in parts) >= rows:
             break
-    table = table.slice(0, rows)
+    if not parts:
+        raise ValueError(f"{path}: no rows")
+    table = pa.concat_tables(parts).slice(0, rows)
     columns = {}
     for name in wanted:
         if name not in present:
@@ -207,9 +209,3 @@ def _read_rows(path: Path, rows: int, transform: FeatureTransform) -> dict[str, 
         columns[name] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v
                          for v in values]
     return columns
-
-
-def _concat(a, b):
-    import pyarrow as pa
-
-    return pa.concat_tables([a, b])

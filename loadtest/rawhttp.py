@@ -1,4 +1,5 @@
-"""A minimal HTTP/1.1 keep-alive client on asyncio protocols, for load generation only.
+"""A minimal HTTP/1.1 keep-alive client on asyncio protocols: the default transport under the
+load generator (``load.py``), which owns the loops and the timing; nothing else uses it.
 
 Each request's bytes (request line, headers and body) are built once per body and target; a
 connection sends one request at a time and reads the answer by its ``Content-Length`` (what
@@ -21,7 +22,7 @@ class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[int] | None = None
         self.closed = False
         self.keep_alive = True
 
@@ -64,7 +65,10 @@ class Connection(asyncio.Protocol):
         del self.buffer[:total]
         return status
 
-    def send(self, request: bytes) -> asyncio.Future:
+    def send(self, request: bytes) -> asyncio.Future[int]:
+        """A future for the status of the answer to ``request``."""
+        if self.transport is None:
+            raise HTTPError("not connected")
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self.waiter
@@ -134,6 +138,6 @@ class Client:
         self.idle.clear()
 
 
-def _expire(waiter: asyncio.Future) -> None:
+def _expire(waiter: asyncio.Future[int]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .profiles import AREA_NAMES
+
 GOAL_BINARY = 0.70
 GOAL_COLUMNS = 0.40
 GOAL_SINGLE = 0.50
@@ -207,22 +209,16 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines.append("")
     if experiments.get("profile"):
         lines += ["## Where the time goes (py-spy, active samples of the service process)", "",
-                  "| API | rows/req | clients | rows/s | " + " | ".join(_areas()) + " |",
-                  "|" + "---|" * (4 + len(_areas()))]
+                  "| API | rows/req | clients | rows/s | " + " | ".join(AREA_NAMES) + " |",
+                  "|" + "---|" * (4 + len(AREA_NAMES))]
         for p in experiments["profile"]:
             lines.append(f"| {p['api']} | {p['rows']} | {p['concurrency']} | "
                          f"{_f(p['rows_per_s'])} | " + " | ".join(
-                             f"{p['areas'].get(a, 0):.0%}" for a in _areas()) + " |")
+                             f"{p['areas'].get(a, 0):.0%}" for a in AREA_NAMES) + " |")
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
-
-
-def _areas() -> list[str]:
-    from .driver import AREAS
-
-    return [name for name, _ in AREAS] + ["other"]
 
 
 def plot(results: dict, out: Path) -> list[str]:
@@ -270,14 +266,15 @@ def plot(results: dict, out: Path) -> list[str]:
     if closed:
         fig, ax = plt.subplots(figsize=(8, 5))
         for api in config["apis"]:
-            for target, batching, line in (("service", True, "-"), ("service", False, "--"),
-                                           ("parse-only", None, ":")):
+            # batched: None for the parse-only server, which has no batcher
+            for target, batched, line in (("service", True, "-"), ("service", False, "--"),
+                                          ("parse-only", None, ":")):
                 runs = sorted((r for r in closed if r["api"] == api and r["target"] == target
-                               and r.get("batching") is batching),
+                               and r.get("batching") is batched),
                               key=lambda r: r["concurrency"])
                 if runs:
                     label = f"{api}, {target}" + (
-                        "" if batching is None else f", batching {'on' if batching else 'off'}")
+                        "" if batched is None else f", batching {'on' if batched else 'off'}")
                     ax.plot([r["concurrency"] for r in runs], [r["rows_per_s"] for r in runs],
                             line, marker="o", label=label)
         for what, color in (("session", "black"), ("transform + session", "grey")):

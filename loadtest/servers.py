@@ -1,7 +1,10 @@
-"""Server processes for benchmarks: the service, the parse-only app, and a server that does no
-work (nginx ``return 200``, or the Python null server where nginx is absent). Each runs on a free
-loopback port, pinned to a core with ``taskset`` when asked, in its own process group; waits are
-bounded and stopping is by process group id.
+"""Starting and stopping the servers that benchmarks and load tests measure.
+
+Every server (the service, the parse-only app, nginx ``return 200`` or the Python null server
+where nginx is absent, or any command given to ``ServerProcess``) runs on a free loopback port,
+pinned to a core with ``taskset`` when asked, in its own process group; the wait until it is
+ready is bounded, its CPU time and resident memory are those of the whole group, and it is
+stopped by process group id.
 """
 
 from __future__ import annotations
@@ -17,29 +20,32 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self, TextIO
 
 HOST = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago (the kernel's pick)."""
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
 
 
 def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """``command`` run by ``taskset`` on core ``cpu`` (unchanged when ``cpu`` is None)."""
     if cpu is None:
         return command
     taskset = shutil.which("taskset")
     if taskset is None:
-        raise RuntimeError("taskset is not installed (util-linux): cannot pin the server")
+        raise RuntimeError("taskset is not installed (util-linux): cannot pin a process")
     return [taskset, "-c", str(cpu), *command]
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User plus system CPU seconds of every live process in the process group."""
-    total = 0
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of a process group (from ``/proc/<pid>/stat``)."""
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -49,30 +55,40 @@ def group_cpu_seconds(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+            pids.append(int(entry))
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def resident_bytes(pid: int) -> int:
-    """Resident set size of one process (VmRSS)."""
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+    """Resident set size of one process (VmRSS; 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User plus system CPU seconds of every live process in the process group."""
+    return sum(cpu_seconds(pid) for pid in group_pids(pgid))
+
+
 def group_resident_bytes(pgid: int) -> int:
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry)) == pgid:
-                total += resident_bytes(int(entry))
-        except (OSError, ProcessLookupError):
-            continue
-    return total
+    """Resident set size of every live process in the process group, summed."""
+    return sum(resident_bytes(pid) for pid in group_pids(pgid))
 
 
 def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
@@ -89,7 +105,8 @@ def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
 
 
 class ServerProcess:
-    """A command serving HTTP on ``self.port``; a context manager (started and ready inside)."""
+    """A command serving HTTP on ``self.port``, its output in ``log_path``; a context manager
+    (started and ready inside, stopped on the way out)."""
 
     kind = "server"
     ready_path = "/"
@@ -99,14 +116,14 @@ class ServerProcess:
                  port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.cpu = cpu
         log_dir = Path(log_dir or tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{self.kind}-{self.port}.log"
         self.command = pinned(command, cpu)
         self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen | None = None
-        self.started = self.ready_at = 0.0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: TextIO | None = None
+        self.started = 0.0
 
     def start(self) -> None:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -114,45 +131,53 @@ class ServerProcess:
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=self.env, start_new_session=True)
 
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self.process is None:
+            raise RuntimeError(f"{self.kind} was not started")
+        return self.process
+
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        """The server's PID, which is also its process group's id."""
+        return self._running().pid
 
     def wait_ready(self, timeout: float = 600) -> float:
         """Seconds from start until ``ready_path`` answered 200."""
+        process = self._running()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited ({self.process.returncode}):\n"
-                                   f"{self.log()}")
+            if process.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited ({process.returncode}):\n{self.log()}")
             try:
                 with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as answer:
                     if answer.status == 200:
-                        self.ready_at = time.monotonic()
-                        return self.ready_at - self.started
+                        return time.monotonic() - self.started
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"{self.kind} was not ready within {timeout} s:\n{self.log()}")
 
     def cpu_seconds(self) -> float:
+        """CPU seconds of the server's process group so far."""
         return group_cpu_seconds(self.pid)
 
     def resident_bytes(self) -> int:
+        """Resident memory of the server's process group now."""
         return group_resident_bytes(self.pid)
 
     def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-5000:]
+        """The last 5,000 characters the server wrote."""
+        if self._log is not None:
+            self._log.flush()
+        return self.log_path.read_text()[-5000:] if self.log_path.is_file() else ""
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        stop_group(self.process)
-        self._log.close()
+        if self.process is not None:
+            stop_group(self.process)
+        if self._log is not None:
+            self._log.close()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         self.start()
         try:
             self.wait_ready()
@@ -161,7 +186,7 @@ class ServerProcess:
             raise
         return self
 
-    def __exit__(self, *_) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
 
 
@@ -177,7 +202,7 @@ class ServiceServer(ServerProcess):
         package = Path(package).resolve()
         port = free_port()
         command = [sys.executable, "-m", "ctrserve", "serve", "--repo", str(package.parents[1]),
-                   "--model", package.parent.name, "--host", HOST, "--port", str(port),
+                   "--models", package.parent.name, "--host", HOST, "--port", str(port),
                    "--intra-op-threads", str(threads), "--log-level", "warning", *flags]
         env = {"CTRSERVE_VERSIONS": f'{{"{package.parent.name}": {int(package.name)}}}'}
         super().__init__(command, cpu, env, log_dir, port)

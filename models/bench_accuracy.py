@@ -33,26 +33,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .budget import Fit, fit_budget, fit_pep_keep, full_bytes
+from .budget import Fit, fit_pep_keep, full_bytes
 from .data import DataConfig
 from .dlrm import ModelConfig
-from .embeddings import EmbeddingConfig, SchemeConfig
-from .train import TrainConfig, fit
+from .embeddings.scheme_settings import (
+    EmbeddingConfig,
+    FullSettings,
+    PEPSettings,
+    SchemeSettings,
+    SharedMemorySettings,
+)
+from .schemes import SCHEMES, scheme_of
+from .train import fit
+from .trainer import TrainConfig
 from .transform import TransformConfig, fit_transform
 
-#: The benchmark's schemes: a name and the settings the budget does not choose.
-SCHEMES: dict[str, SchemeConfig] = {
-    "full": SchemeConfig("full"),
-    "hash": SchemeConfig("hash"),
-    "qr-mult": SchemeConfig("qr", operation="mult"),
-    "qr-concat": SchemeConfig("qr", operation="concat"),
-    "kpart3": SchemeConfig("kpart", partitions=3, operation="mult"),
-    "pep-field-dim": SchemeConfig("pep", granularity="field_dimension"),
-    "pep-feature-dim": SchemeConfig("pep", granularity="feature_dimension"),
-    "lma": SchemeConfig("lma"),
-    "robe": SchemeConfig("robe"),
-    "int8": SchemeConfig("int8"),
-    "fp16": SchemeConfig("fp16"),
+#: The benchmark's schemes (each registered scheme's ``benchmark`` variants): a name and the
+#: settings the budget does not choose.
+VARIANTS: dict[str, SchemeSettings] = {
+    name: settings for scheme in SCHEMES.values() for name, settings in scheme.benchmark.items()
 }
 DEFAULT_BUDGETS: tuple[Fraction, ...] = tuple(Fraction(1, d) for d in (2, 4, 8, 16, 64))
 METRICS = ("auc", "logloss", "ne")
@@ -78,7 +77,7 @@ FULL = Budget("full", Fraction(1))
 class BenchConfig:
     name: str
     out: Path
-    schemes: tuple[str, ...] = tuple(SCHEMES)
+    schemes: tuple[str, ...] = tuple(VARIANTS)
     budgets: tuple[Fraction, ...] = DEFAULT_BUDGETS
     seeds: tuple[int, ...] = (0, 1, 2)
     #: Extra PEP cells keeping these fractions of the values (whatever the bytes).
@@ -93,10 +92,10 @@ class BenchConfig:
     cache: Path | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.schemes) - set(SCHEMES)
+        unknown = set(self.schemes) - set(VARIANTS)
         if unknown:
             raise ValueError(f"unknown schemes {', '.join(sorted(unknown))}; "
-                             f"choose from {', '.join(SCHEMES)}")
+                             f"choose from {', '.join(VARIANTS)}")
         if any(not 0 < f < 1 for f in self.budgets):
             raise ValueError("budgets are fractions of the full tables, in (0, 1)")
 
@@ -157,26 +156,33 @@ def plan(bench: BenchConfig, names: list[str], sizes: list[int], dim: int) -> li
     total = full_bytes(sizes, dim)
     cells = []
     for scheme in bench.schemes:
-        base = replace(SCHEMES[scheme], drift=bench.drift)
-        budgets = [FULL] if scheme == "full" else [
+        base = VARIANTS[scheme]
+        if isinstance(base, PEPSettings):
+            base = replace(base, drift=bench.drift)
+        budgets = [FULL] if isinstance(base, FullSettings) else [
             Budget(str(f), fraction=f) for f in bench.budgets]
-        if base.scheme == "pep":
-            budgets += [Budget(f"keep {k:g}", keep=k) for k in bench.pep_keep]
         for budget in budgets:
-            if budget.keep is not None:
-                fitted, limit = fit_pep_keep(base, sizes, dim, budget.keep), None
-            else:
-                assert budget.fraction is not None
-                limit = math.floor(budget.fraction * total)
-                fitted = fit_budget(base, names, sizes, dim, limit)
+            assert budget.fraction is not None
+            limit = math.floor(budget.fraction * total)
+            fitted = scheme_of(base).fit_budget(base, names, sizes, dim, limit)
             cells += [Cell(scheme, budget, seed, fitted, limit) for seed in bench.seeds]
+        if isinstance(base, PEPSettings):
+            for keep in bench.pep_keep:
+                fitted = fit_pep_keep(base, sizes, dim, keep)
+                cells += [Cell(scheme, Budget(f"keep {keep:g}", keep=keep), seed, fitted, None)
+                          for seed in bench.seeds]
     return cells
 
 
 def with_seed(config: EmbeddingConfig, seed: int) -> EmbeddingConfig:
     """The shared-memory schemes' hashes follow the training seed."""
-    return EmbeddingConfig(default=replace(config.default, seed=seed),
-                           tables={n: replace(c, seed=seed) for n, c in config.tables.items()})
+    def seeded(settings: SchemeSettings) -> SchemeSettings:
+        if isinstance(settings, SharedMemorySettings):
+            return replace(settings, seed=seed)
+        return settings
+
+    return EmbeddingConfig(default=seeded(config.default),
+                           tables={name: seeded(s) for name, s in config.tables.items()})
 
 
 def train_job(job: Job) -> dict:
@@ -205,7 +211,7 @@ def cell_record(cell: Cell, job: Job, measured: dict) -> dict:
     if cell.budget.keep is None and measured["bytes"] > (cell.budget_bytes or 0):
         raise RuntimeError(f"{cell.scheme} at {cell.budget.label}: {measured['bytes']:,} bytes "
                            f"exceed the budget of {cell.budget_bytes:,}")
-    if SCHEMES[cell.scheme].scheme != "pep" and measured["bytes"] != fitted.bytes:
+    if fitted.exact and measured["bytes"] != fitted.bytes:
         raise RuntimeError(f"{cell.scheme} at {cell.budget.label}: the tables take "
                            f"{measured['bytes']:,} bytes, the closed form said {fitted.bytes:,}")
     return {
@@ -503,7 +509,7 @@ def main(args: argparse.Namespace, data: DataConfig) -> int:
     bench = BenchConfig(
         name=args.name or Path(args.out).name, out=Path(args.out),
         schemes=tuple(s.strip() for s in args.schemes.split(",")) if args.schemes
-        else tuple(SCHEMES),
+        else tuple(VARIANTS),
         budgets=parse_budgets(args.budgets), seeds=tuple(args.seeds),
         pep_keep=tuple(args.pep_keep), drift=args.drift, jobs=args.jobs,
         rerun=tuple(args.rerun), cache=Path(args.cache) if args.cache else None,

@@ -1,9 +1,18 @@
-"""Fitting an embedding scheme to a byte budget, in closed form.
+"""What each scheme's tables take at inference, in closed form, and each scheme's search for the
+settings that fit a byte budget. The registry (``models/schemes.py``) holds both per scheme.
+
+Closed forms: ``<scheme>_tables_bytes(settings, sizes, dim)`` is the bytes of the tables of
+``sizes`` rows using the scheme (``settings[i]`` for the table of ``sizes[i]``; the tables of a
+shared memory share one setting): the tables' own byte formulas (``hashed_bytes``,
+``compositional_bytes``, ``packed_bytes``, ...: what their ``inference_bytes`` return) applied to
+the sizes the settings give. Nothing is built to be counted (a 10M-row full table would take
+640 MB just to report its size); ``tests/test_schemes.py`` checks each closed form against the
+built tables and their exported initializers.
 
 A budget is a number of bytes for all of a model's embedding tables at inference, everything
-counted: each table's ``inference_bytes`` (weights, indices, masks, scales, hash metadata),
-including the tables a scheme leaves full. ``fit_budget`` finds the settings of one scheme whose
-tables take the most bytes not above the budget, by searching the scheme's knob:
+counted, including the tables a scheme leaves full. ``fit_<scheme>(base, names, sizes, dim,
+budget)`` finds the settings of ``base``'s scheme (its other settings as in ``base``) whose tables
+take the most bytes not above the budget, by searching the scheme's knob:
 
 - ``hash``: a row cap ``m``; a table of more than ``m`` rows is hashed into ``m`` buckets.
 - ``qr``: the same cap on the quotient table: a table of ``n > m`` rows gets ``ceil(n / m)``
@@ -15,49 +24,67 @@ tables take the most bytes not above the budget, by searching the scheme's knob:
 - ``pep``: every table pruned; the fraction of values the search keeps is what the budget leaves
   after PEP's per-row offsets and mask bits. The mask is found while training, so the bytes are
   only known afterwards, but never exceed the budget: the search stops at or under its target.
+- ``full``: the full tables, when they fit.
 
 Where even the most aggressive setting exceeds the budget the fit is unreachable, with the reason
-and the fewest bytes the scheme can reach. Nothing is built to be counted (a 10M-row full table
-would take 640 MB just to report its size); ``tests/test_bench_accuracy.py`` checks these closed
-forms against the tables' own ``inference_bytes``.
+and the fewest bytes the scheme can reach.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
-from .embeddings import EmbeddingConfig, SchemeConfig, effective_scheme
-from .embeddings.base import FLOAT32_BYTES, INT64_BYTES
+from .embeddings.base import fp32_bytes
 from .embeddings.compositional import (
     balanced_radices,
-    part_widths,
+    compositional_bytes,
     quotient_remainder_radices,
 )
-from .embeddings.lma import lma_max_compression, lma_memory_size, lma_metadata_bytes
+from .embeddings.constants import FLOAT32_BYTES
+from .embeddings.hashing import hash_buckets, hashed_bytes
+from .embeddings.lma import lma_bytes, lma_max_compression, lma_memory_size
 from .embeddings.pep import packed_bytes
-from .embeddings.quantized import FLOAT16_BYTES, INT8_ROW_METADATA_BYTES, UINT8_BYTES
-from .embeddings.robe import robe_max_compression, robe_memory_size, robe_metadata_bytes
+from .embeddings.quantized import INT8_ROW_METADATA_BYTES, fp16_bytes, int8_bytes
+from .embeddings.robe import robe_bytes, robe_max_compression, robe_memory_size
+from .embeddings.scheme_settings import (
+    EmbeddingConfig,
+    FP16Settings,
+    FullSettings,
+    HashSettings,
+    Int8Settings,
+    KPartSettings,
+    LMASettings,
+    PEPSettings,
+    QRSettings,
+    RobeSettings,
+    SchemeSettings,
+)
 
 #: Row caps evaluated at a time by the cap search (bounds its memory on 10M-row tables).
 _CAP_BLOCK = 1 << 20
+
+S = TypeVar("S", bound=SchemeSettings)
 
 
 @dataclass(frozen=True)
 class Fit:
     """Settings fitted to a budget, or why none fit.
 
-    ``bytes``: the closed-form total of the fitted tables (for PEP the most its mask may take);
-    when unreachable, the fewest bytes the scheme can reach at all.
+    ``bytes``: the closed-form total of the fitted tables; when unreachable, the fewest bytes the
+    scheme can reach at all. ``exact``: whether the trained tables take exactly ``bytes`` (PEP's
+    take at most that: its mask is found while training).
     """
 
     embeddings: EmbeddingConfig | None
     bytes: int
     settings: str
     reason: str = ""
+    exact: bool = True
 
     @property
     def reachable(self) -> bool:
@@ -66,93 +93,40 @@ class Fit:
 
 def full_bytes(sizes: Sequence[int], dim: int) -> int:
     """Bytes of the uncompressed fp32 tables."""
-    return sum(sizes) * dim * FLOAT32_BYTES
+    return fp32_bytes(sum(sizes), dim)
 
 
-def compositional_bytes(radices: Sequence[int], dim: int, operation: str) -> int:
-    widths = part_widths(dim, len(radices), operation)
-    weights = sum(r * w for r, w in zip(radices, widths, strict=True)) * FLOAT32_BYTES
-    return weights + len(radices) * INT64_BYTES
+# ------------------------------------------------------------------------------------------
+# Closed-form bytes, per scheme
+# ------------------------------------------------------------------------------------------
 
 
-def table_bytes(config: SchemeConfig, rows: int, dim: int) -> int:
-    """``inference_bytes`` of one table of a scheme that needs only its own settings."""
-    scheme = effective_scheme(config, rows)
-    if scheme == "full":
-        return rows * dim * FLOAT32_BYTES
-    if scheme == "hash":
-        buckets = min(math.ceil(rows / config.compression), rows)
-        return buckets * dim * FLOAT32_BYTES + INT64_BYTES
-    if scheme == "qr":
-        return compositional_bytes(
-            quotient_remainder_radices(rows, config.collisions), dim, config.operation)
-    if scheme == "kpart":
-        return compositional_bytes(balanced_radices(rows, config.partitions), dim,
-                                   config.operation)
-    if scheme == "int8":
-        return rows * dim * UINT8_BYTES + rows * INT8_ROW_METADATA_BYTES
-    if scheme == "fp16":
-        return rows * dim * FLOAT16_BYTES
-    raise ValueError(f"{scheme} bytes are not a function of one table's settings")
+def full_tables_bytes(settings: Sequence[FullSettings], sizes: Sequence[int], dim: int) -> int:
+    return full_bytes(sizes, dim)
 
 
-def embedding_bytes(names: Sequence[str], sizes: Sequence[int], dim: int,
-                    config: EmbeddingConfig) -> int:
-    """``inference_bytes`` summed over every table of a model (not for PEP, whose bytes depend
-    on the mask its training finds)."""
-    shared: dict[str, list[int]] = {"lma": [], "robe": []}
-    total = 0
-    for name, rows in zip(names, sizes, strict=True):
-        scheme_config = config.for_table(name)
-        scheme = effective_scheme(scheme_config, rows)
-        if scheme in shared:
-            shared[scheme].append(rows)
-        else:
-            total += table_bytes(scheme_config, rows, dim)
-    if shared["lma"]:
-        total += _lma_bytes(shared["lma"], dim, config.default)
-    if shared["robe"]:
-        total += _robe_bytes(shared["robe"], dim, config.default)
-    return total
+def hash_tables_bytes(settings: Sequence[HashSettings], sizes: Sequence[int], dim: int) -> int:
+    return sum(hashed_bytes(hash_buckets(rows, s.compression), dim)
+               for s, rows in zip(settings, sizes, strict=True))
 
 
-def _lma_bytes(sizes: Sequence[int], dim: int, config: SchemeConfig) -> int:
-    memory = lma_memory_size(sizes, dim, config.minhashes, config.compression)
-    return (memory * FLOAT32_BYTES
-            + sum(lma_metadata_bytes(rows, dim, config.minhashes) for rows in sizes))
+def qr_tables_bytes(settings: Sequence[QRSettings], sizes: Sequence[int], dim: int) -> int:
+    return sum(compositional_bytes(quotient_remainder_radices(rows, s.collisions), dim,
+                                   s.operation)
+               for s, rows in zip(settings, sizes, strict=True))
 
 
-def _robe_bytes(sizes: Sequence[int], dim: int, config: SchemeConfig) -> int:
-    memory = robe_memory_size(sizes, dim, config.block, config.compression)
-    return memory * FLOAT32_BYTES + len(sizes) * robe_metadata_bytes(dim, config.block)
+def kpart_tables_bytes(settings: Sequence[KPartSettings], sizes: Sequence[int], dim: int) -> int:
+    return sum(compositional_bytes(balanced_radices(rows, s.partitions), dim, s.operation)
+               for s, rows in zip(settings, sizes, strict=True))
 
 
-def fit_budget(base: SchemeConfig, names: Sequence[str], sizes: Sequence[int], dim: int,
-               budget: int) -> Fit:
-    """The settings of ``base.scheme`` (other settings as in ``base``) taking the most bytes
-    not above ``budget``."""
-    scheme = base.scheme
-    if scheme == "full":
-        total = full_bytes(sizes, dim)
-        if total > budget:
-            return Fit(None, total, "fp32", "the full tables exceed the budget")
-        return Fit(EmbeddingConfig(default=base), total, "fp32")
-    if scheme in ("hash", "qr"):
-        return _fit_cap(base, names, sizes, dim, budget)
-    if scheme in ("kpart", "int8", "fp16"):
-        return _fit_largest_tables(base, names, sizes, dim, budget)
-    if scheme in ("lma", "robe"):
-        return _fit_shared(base, names, sizes, dim, budget)
-    if scheme == "pep":
-        index = _pep_index_bytes(sizes, dim)
-        values = (budget - index) // FLOAT32_BYTES
-        if values < 1:
-            return Fit(None, index, "", (
-                f"PEP's per-row offsets and mask bits alone take {index:,} bytes "
-                f"({index / full_bytes(sizes, dim):.1%} of the full tables)"))
-        total_values = sum(sizes) * dim
-        return fit_pep_keep(base, sizes, dim, min(values, total_values - 1) / total_values)
-    raise ValueError(f"no budget search for scheme {scheme!r}")
+def pep_tables_bytes(settings: Sequence[PEPSettings], sizes: Sequence[int], dim: int) -> int:
+    """The most bytes PEP tables take once the search has kept ``pep_keep`` (the first table's,
+    which the search uses) of the values of every table of the model, all of them PEP: the
+    values it may keep, and every row's offsets and mask bits."""
+    kept = math.floor(settings[0].pep_keep * sum(sizes) * dim)
+    return _pep_index_bytes(sizes, dim) + kept * FLOAT32_BYTES
 
 
 def _pep_index_bytes(sizes: Sequence[int], dim: int) -> int:
@@ -160,15 +134,144 @@ def _pep_index_bytes(sizes: Sequence[int], dim: int) -> int:
     return sum(packed_bytes(rows, dim, 0) for rows in sizes)
 
 
-def fit_pep_keep(base: SchemeConfig, sizes: Sequence[int], dim: int, keep: float) -> Fit:
+def int8_tables_bytes(settings: Sequence[Int8Settings], sizes: Sequence[int], dim: int) -> int:
+    return sum(int8_bytes(rows, dim) for rows in sizes)
+
+
+def fp16_tables_bytes(settings: Sequence[FP16Settings], sizes: Sequence[int], dim: int) -> int:
+    return sum(fp16_bytes(rows, dim) for rows in sizes)
+
+
+def lma_tables_bytes(settings: Sequence[LMASettings], sizes: Sequence[int], dim: int) -> int:
+    return lma_bytes(sizes, dim, settings[0].minhashes, settings[0].compression)
+
+
+def robe_tables_bytes(settings: Sequence[RobeSettings], sizes: Sequence[int], dim: int) -> int:
+    return robe_bytes(sizes, dim, settings[0].block, settings[0].compression)
+
+
+# ------------------------------------------------------------------------------------------
+# Budget searches, per scheme
+# ------------------------------------------------------------------------------------------
+
+
+def fit_full(base: FullSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+             budget: int) -> Fit:
+    total = full_bytes(sizes, dim)
+    if total > budget:
+        return Fit(None, total, "fp32", "the full tables exceed the budget")
+    return Fit(EmbeddingConfig(default=base), total, "fp32")
+
+
+def fit_hash(base: HashSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+             budget: int) -> Fit:
+    cap, total, fewest = _best_cap(sizes, budget,
+                                   lambda rows, caps: _hash_at_caps(rows, dim, caps)[0])
+    if total < 0:
+        return Fit(None, fewest, "", f"one bucket per table still takes "
+                                     f"{fewest / full_bytes(sizes, dim):.1%} of the full tables")
+    tables = {}
+    for name, rows in zip(names, sizes, strict=True):
+        buckets = int(_hash_at_caps(rows, dim, np.array([cap]))[1][0])
+        if buckets:
+            # ceil(rows / (rows / (k - 0.5))) is k whatever the float rounding.
+            tables[name] = replace(base, compression=rows / (buckets - 0.5))
+    return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
+               f"≤ {cap:,} rows per table ({len(tables)} of {len(sizes)} hashed)")
+
+
+def fit_qr(base: QRSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+           budget: int) -> Fit:
+    best = {rows: _best_collisions(rows, dim, base.operation) for rows in set(sizes)}
+    cap, total, fewest = _best_cap(
+        sizes, budget,
+        lambda rows, caps: _qr_at_caps(rows, dim, base.operation, best[rows], caps)[0])
+    if total < 0:
+        return Fit(None, fewest, "", f"QR at its fewest bytes in every table (about 2 sqrt(n) "
+                                     f"rows) still takes {fewest / full_bytes(sizes, dim):.1%} "
+                                     "of the full tables")
+    tables = {}
+    for name, rows in zip(names, sizes, strict=True):
+        collisions = int(_qr_at_caps(rows, dim, base.operation, best[rows], np.array([cap]))[1][0])
+        if collisions:
+            tables[name] = replace(base, collisions=collisions)
+    counts = [settings.collisions for settings in tables.values()]
+    return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
+               f"quotient ≤ {cap:,} rows, {min(counts)}–{max(counts)} collisions "
+               f"({len(tables)} of {len(sizes)} tables)")
+
+
+def fit_kpart(base: KPartSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+              budget: int) -> Fit:
+    return _fit_largest_tables(base, names, sizes, dim, budget, kpart_tables_bytes,
+                               f"{base.partitions} partitions")
+
+
+def fit_int8(base: Int8Settings, names: Sequence[str], sizes: Sequence[int], dim: int,
+             budget: int) -> Fit:
+    return _fit_largest_tables(base, names, sizes, dim, budget, int8_tables_bytes,
+                               f"row-wise int8 ({dim} + {INT8_ROW_METADATA_BYTES} bytes a row)")
+
+
+def fit_fp16(base: FP16Settings, names: Sequence[str], sizes: Sequence[int], dim: int,
+             budget: int) -> Fit:
+    return _fit_largest_tables(base, names, sizes, dim, budget, fp16_tables_bytes, "fp16")
+
+
+def fit_pep(base: PEPSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+            budget: int) -> Fit:
+    index = _pep_index_bytes(sizes, dim)
+    values = (budget - index) // FLOAT32_BYTES
+    if values < 1:
+        return Fit(None, index, "", (
+            f"PEP's per-row offsets and mask bits alone take {index:,} bytes "
+            f"({index / full_bytes(sizes, dim):.1%} of the full tables)"))
+    total_values = sum(sizes) * dim
+    return fit_pep_keep(base, sizes, dim, min(values, total_values - 1) / total_values)
+
+
+def fit_pep_keep(base: PEPSettings, sizes: Sequence[int], dim: int, keep: float) -> Fit:
     """PEP keeping ``keep`` of all values; ``bytes`` is the most that mask may take."""
     if not 0 < keep < 1:
         raise ValueError(f"PEP keeps a fraction of the values in (0, 1), got {keep}")
-    values = math.floor(keep * sum(sizes) * dim)
-    config = replace(base, scheme="pep", min_rows=0, pep_keep=keep)
-    return Fit(EmbeddingConfig(default=config),
-               _pep_index_bytes(sizes, dim) + values * FLOAT32_BYTES,
-               f"keep {keep:.3g} of values, {base.granularity}")
+    settings = replace(base, min_rows=0, pep_keep=keep)
+    return Fit(EmbeddingConfig(default=settings),
+               pep_tables_bytes([settings] * len(sizes), sizes, dim),
+               f"keep {keep:.3g} of values, {base.granularity}", exact=False)
+
+
+def fit_lma(base: LMASettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+            budget: int) -> Fit:
+    compression = _shared_compression(sizes, dim, budget)
+    try:
+        memory = lma_memory_size(sizes, dim, base.minhashes, compression)
+    except ValueError:
+        reach = lma_max_compression(sizes, dim, base.minhashes)
+        return Fit(None, math.ceil(full_bytes(sizes, dim) / reach), "",
+                   f"its minhash signatures ({base.minhashes} x 4 bytes a row against "
+                   f"{dim * FLOAT32_BYTES} for a full row) cap LMA at {reach:.3g}x")
+    return Fit(EmbeddingConfig(default=replace(base, min_rows=0, compression=compression)),
+               lma_bytes(sizes, dim, base.minhashes, compression),
+               f"|M| = {memory:,} values, {base.minhashes} minhash")
+
+
+def fit_robe(base: RobeSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+             budget: int) -> Fit:
+    compression = _shared_compression(sizes, dim, budget)
+    try:
+        memory = robe_memory_size(sizes, dim, base.block, compression)
+    except ValueError:
+        reach = robe_max_compression(sizes, dim, base.block)
+        return Fit(None, math.ceil(full_bytes(sizes, dim) / reach), "",
+                   f"its hash coefficients cap ROBE at {reach:.3g}x")
+    return Fit(EmbeddingConfig(default=replace(base, min_rows=0, compression=compression)),
+               robe_bytes(sizes, dim, base.block, compression),
+               f"|M| = {memory:,} values, Z = {base.block}")
+
+
+def _shared_compression(sizes: Sequence[int], dim: int, budget: int) -> float:
+    """The compression of one memory for every table that takes ``budget`` bytes."""
+    return full_bytes(sizes, dim) / budget if budget > 0 else math.inf
 
 
 def _best_collisions(rows: int, dim: int, operation: str) -> int:
@@ -178,78 +281,59 @@ def _best_collisions(rows: int, dim: int, operation: str) -> int:
         quotient_remainder_radices(rows, c), dim, operation))
 
 
-def _cap_table_bytes(base: SchemeConfig, rows: int, dim: int, caps: np.ndarray,
-                     best: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes of one table under each row cap, and its collisions (hash: buckets) per cap."""
-    full = rows * dim * FLOAT32_BYTES
-    if base.scheme == "hash":
-        knob = np.minimum(caps, rows)
-        stored = knob * dim * FLOAT32_BYTES + INT64_BYTES
-    else:
-        knob = np.minimum(-(-rows // caps), best)
-        widths = part_widths(dim, 2, base.operation)
-        stored = (knob * widths[0] + -(-rows // knob) * widths[1]) * FLOAT32_BYTES \
-            + 2 * INT64_BYTES
+def _shrunk_or_full(rows: int, dim: int, caps: np.ndarray, stored: np.ndarray,
+                    knob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One table's bytes under each row cap, and its knob (0 where it stays full: the cap does
+    not cut it, or cutting it would not save bytes)."""
+    full = fp32_bytes(rows, dim)
     shrunk = (caps < rows) & (stored < full)
     return np.where(shrunk, stored, full), np.where(shrunk, knob, 0)
 
 
-def _cap_config(base: SchemeConfig, names: Sequence[str], sizes: Sequence[int], dim: int,
-                cap: int, bests: Sequence[int]) -> tuple[EmbeddingConfig, list[int]]:
-    """Per-table overrides for one row cap; returns them and the knob of each shrunk table."""
-    tables, knobs = {}, []
-    for name, rows, best in zip(names, sizes, bests, strict=True):
-        _, knob = _cap_table_bytes(base, rows, dim, np.array([cap]), best)
-        if knob[0]:
-            k = int(knob[0])
-            if base.scheme == "hash":
-                # ceil(rows / (rows / (k - 0.5))) is k whatever the float rounding.
-                tables[name] = replace(base, compression=rows / (k - 0.5))
-            else:
-                tables[name] = replace(base, collisions=k)
-            knobs.append(k)
-    return EmbeddingConfig(default=replace(base, scheme="full"), tables=tables), knobs
+def _hash_at_caps(rows: int, dim: int, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of a hashed table under each row cap, and its buckets."""
+    buckets = np.minimum(caps, rows)
+    return _shrunk_or_full(rows, dim, caps, hashed_bytes(buckets, dim), buckets)
 
 
-def _fit_cap(base: SchemeConfig, names: Sequence[str], sizes: Sequence[int], dim: int,
-             budget: int) -> Fit:
-    bests = [_best_collisions(rows, dim, base.operation) if base.scheme == "qr" else 0
-             for rows in sizes]
+def _qr_at_caps(rows: int, dim: int, operation: str, best: int,
+                caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of a QR table whose quotient table has at most ``cap`` rows, and its collisions."""
+    collisions = np.minimum(-(-rows // caps), best)
+    stored = compositional_bytes((collisions, -(-rows // collisions)), dim, operation)
+    return _shrunk_or_full(rows, dim, caps, stored, collisions)
+
+
+def _best_cap(sizes: Sequence[int], budget: int,
+              table_bytes: Callable[[int, np.ndarray], np.ndarray]) -> tuple[int, int, int]:
+    """Tries every row cap below the largest table; ``table_bytes(rows, caps)`` is a table's
+    bytes under each cap. Returns the cap whose tables take the most bytes within the budget
+    (among equals the largest cap) and that total, ``(0, -1)`` when no cap fits; and the fewest
+    bytes any cap gives."""
     best_cap, best_total, fewest = 0, -1, None
     largest = max(sizes)
     for start in range(1, largest, _CAP_BLOCK):
         caps = np.arange(start, min(start + _CAP_BLOCK, largest), dtype=np.int64)
-        totals = sum(_cap_table_bytes(base, rows, dim, caps, best)[0]
-                     for rows, best in zip(sizes, bests, strict=True))
+        totals = np.zeros(len(caps), dtype=np.int64)
+        for rows in sizes:
+            totals += table_bytes(rows, caps)
         fewest = int(totals.min()) if fewest is None else min(fewest, int(totals.min()))
         within = np.flatnonzero(totals <= budget)
         if len(within):
-            # The most bytes within the budget; among equals, the largest cap.
             top = int(totals[within].max())
             if top >= best_total:
                 best_total = top
                 best_cap = int(caps[within[totals[within] == top][-1]])
-    if best_total < 0:
-        what = ("one bucket per table" if base.scheme == "hash"
-                else "QR at its fewest bytes in every table (about 2 sqrt(n) rows)")
-        share = (fewest or 0) / full_bytes(sizes, dim)
-        return Fit(None, fewest or 0, "", f"{what} still takes {share:.1%} of the full tables")
-    config, knobs = _cap_config(base, names, sizes, dim, best_cap, bests)
-    total = embedding_bytes(names, sizes, dim, config)
-    assert total == best_total, (total, best_total)
-    if base.scheme == "hash":
-        settings = f"≤ {best_cap:,} rows per table ({len(knobs)} of {len(sizes)} hashed)"
-    else:
-        settings = (f"quotient ≤ {best_cap:,} rows, {min(knobs)}–{max(knobs)} collisions "
-                    f"({len(knobs)} of {len(sizes)} tables)")
-    return Fit(config, total, settings)
+    return best_cap, best_total, fewest or 0
 
 
-def _fit_largest_tables(base: SchemeConfig, names: Sequence[str], sizes: Sequence[int],
-                        dim: int, budget: int) -> Fit:
-    """Shrinks the largest tables first, as few as the budget allows (the most bytes)."""
-    full = [rows * dim * FLOAT32_BYTES for rows in sizes]
-    shrunk = [table_bytes(base, rows, dim) for rows in sizes]
+def _fit_largest_tables(
+        base: S, names: Sequence[str], sizes: Sequence[int], dim: int, budget: int,
+        tables_bytes: Callable[[Sequence[S], Sequence[int], int], int], what: str) -> Fit:
+    """Puts the largest tables under ``base`` first, as few as the budget allows (the most
+    bytes); ``tables_bytes`` is the scheme's closed form, ``what`` names its setting."""
+    full = [fp32_bytes(rows, dim) for rows in sizes]
+    shrunk = [tables_bytes([base], [rows], dim) for rows in sizes]
     shrinkable = [i for i in range(len(sizes)) if shrunk[i] < full[i]]
     order = sorted(shrinkable, key=lambda i: -sizes[i])
     fewest = sum(full) - sum(full[i] - shrunk[i] for i in shrinkable)
@@ -257,38 +341,9 @@ def _fit_largest_tables(base: SchemeConfig, names: Sequence[str], sizes: Sequenc
         chosen = [i for i in order if sizes[i] >= threshold]
         total = sum(full) - sum(full[i] - shrunk[i] for i in chosen)
         if total <= budget:
-            config = EmbeddingConfig(default=replace(base, scheme="full"),
+            config = EmbeddingConfig(default=FullSettings(),
                                      tables={names[i]: base for i in chosen})
-            assert embedding_bytes(names, sizes, dim, config) == total
             return Fit(config, total, f"{len(chosen)} of {len(sizes)} tables "
                                       f"(≥ {threshold:,} rows)")
-    what = {"kpart": f"{base.partitions} partitions",
-            "int8": f"row-wise int8 ({dim} + {INT8_ROW_METADATA_BYTES} bytes a row)",
-            "fp16": "fp16"}[base.scheme]
     return Fit(None, fewest, "", f"{what} on every table it shrinks still takes "
                                  f"{fewest / sum(full):.1%} of the full tables")
-
-
-def _fit_shared(base: SchemeConfig, names: Sequence[str], sizes: Sequence[int], dim: int,
-                budget: int) -> Fit:
-    """One shared memory for every table, compressed by ``full bytes / budget``."""
-    full = full_bytes(sizes, dim)
-    compression = full / budget if budget > 0 else math.inf
-    try:
-        if base.scheme == "lma":
-            memory = lma_memory_size(sizes, dim, base.minhashes, compression)
-            settings = f"|M| = {memory:,} values, {base.minhashes} minhash"
-        else:
-            memory = robe_memory_size(sizes, dim, base.block, compression)
-            settings = f"|M| = {memory:,} values, Z = {base.block}"
-    except ValueError:
-        if base.scheme == "lma":
-            reach = lma_max_compression(sizes, dim, base.minhashes)
-            why = (f"its minhash signatures ({base.minhashes} x 4 bytes a row against "
-                   f"{dim * FLOAT32_BYTES} for a full row) cap LMA at {reach:.3g}x")
-        else:
-            reach = robe_max_compression(sizes, dim, base.block)
-            why = f"its hash coefficients cap ROBE at {reach:.3g}x"
-        return Fit(None, math.ceil(full / reach), "", why)
-    config = EmbeddingConfig(default=replace(base, min_rows=0, compression=compression))
-    return Fit(config, embedding_bytes(names, sizes, dim, config), settings)

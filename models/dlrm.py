@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from .embeddings import EmbeddingConfig, build_tables
+from .embeddings.base import EmbeddingTable
+from .embeddings.scheme_settings import EmbeddingConfig
+from .schemes import build_tables
 
 MODEL_KINDS = ("dlrm", "lr")
 
@@ -75,6 +78,10 @@ class CTRModel(nn.Module):
                          signatures)
         )
 
+    def embedding_tables(self) -> list[EmbeddingTable]:
+        """``tables`` (a ``ModuleList``, so that it registers them) as the tables they are."""
+        return cast(list[EmbeddingTable], list(self.tables))
+
     def embed(self, sparse: torch.Tensor) -> list[torch.Tensor]:
         return [table(sparse[:, index]) for index, table in enumerate(self.tables)]
 
@@ -88,11 +95,14 @@ class CTRModel(nn.Module):
     def table_summaries(self) -> list[dict]:
         return [
             {"table": name, **table.summary()}
-            for name, table in zip(self.table_names, self.tables, strict=True)
+            for name, table in zip(self.table_names, self.embedding_tables(), strict=True)
         ]
 
 
 class DLRM(CTRModel):
+    pair_rows: torch.Tensor
+    pair_cols: torch.Tensor
+
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
                  config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
         super().__init__(n_dense, table_sizes, table_names, config, signatures)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import evaluation_metrics
 from .checkpoint import load_checkpoint
 from .data import DataConfig
 from .train import predict, transformed
@@ -29,5 +29,5 @@ def evaluate(checkpoint_dir: str | Path, data: DataConfig | None = None, part: s
         np.savetxt(predictions_path, probabilities, fmt="%.8f")
     result: dict = {"part": part, "rows": len(probabilities), "data": data.to_dict()}
     if len(labels):
-        result.update(metrics.summary(labels, probabilities))
+        result.update(evaluation_metrics.summary(labels, probabilities))
     return result

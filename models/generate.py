@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .evaluation_metrics import log_loss, roc_auc
 from .keys import splitmix64
-from .metrics import log_loss, roc_auc
-from .schema import CategoricalColumn, DatasetSpec, LabelRule, RawBatch
+from .schema import CategoricalColumn, CategoricalKind, DatasetSpec, LabelRule, RawBatch
 
 #: Rows per internal chunk (and per parquet row group). Fixed: changing it changes the data.
 CHUNK_ROWS = 65_536
@@ -499,7 +499,7 @@ class EntityConfig:
 
 def entity_joined_spec() -> DatasetSpec:
     """Columns of an interaction joined with its user's and item's features."""
-    kinds = (
+    kinds: tuple[tuple[str, CategoricalKind], ...] = (
         ("user_id", "string"), ("age_bucket", "int"), ("gender", "string"),
         ("occupation", "int"), ("item_id", "string"), ("genre", "string"), ("year", "int"),
         ("price_bucket", "int"), ("hour", "int"), ("device", "string"),

@@ -135,14 +135,14 @@ _CONVERTERS = {"int": _int_keys, "hex": _hex_keys, "string": _string_keys}
 
 def to_keys(column: str, kind: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keys (uint64, 0 where missing) and the missing mask for one raw categorical column."""
+    if np.ndim(values) != 1:
+        raise ValueError(f"column {column!r}: expected one value per row")
     if isinstance(values, np.ma.MaskedArray):  # integers with missing values masked
         missing = np.ma.getmaskarray(values)
         values = values.filled(0)
     else:
         values = np.asarray(values)
-        missing = _missing_mask(values) if values.ndim == 1 else None
-    if values.ndim != 1:
-        raise ValueError(f"column {column!r}: expected one value per row")
+        missing = _missing_mask(values)
     keys = np.zeros(len(values), dtype=np.uint64)
     if missing.all():
         return keys, missing

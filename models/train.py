@@ -1,4 +1,8 @@
-"""Training and offline evaluation of CTR models, streaming the data from disk."""
+"""Training and offline evaluation of CTR models, streaming the data from disk.
+
+``fit`` runs a whole training: the transform, LMA signatures, PEP's mask search, the epochs
+(``Trainer`` and ``TrainConfig`` are in ``trainer.py``), quantization and the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +12,23 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from . import metrics
+from . import evaluation_metrics
 from .checkpoint import save_checkpoint
 from .data import DataConfig
 from .dlrm import CTRModel, ModelConfig, build_model
-from .embeddings import effective_scheme
 from .embeddings.lma import minhash_signatures
-from .embeddings.quantized import quantize_model
+from .embeddings.scheme_settings import LMASettings, PEPSettings, effective_settings
+from .pep_search import SearchConfig, pep_tables, rewind, search_mask
+from .quantize import quantize_model
+from .trainer import TrainConfig, Trainer
 from .transform import FeatureTransform, TransformConfig, TransformedBatch, fit_transform
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 512
-    lr: float = 1e-3
-    embedding_lr: float = 1e-2
-    seed: int = 0
-    #: Rows read and transformed at a time.
-    chunk_rows: int = 65536
-    #: Training data up to this many rows is kept in memory after the first epoch and shuffled
-    #: as a whole; larger data is streamed again each epoch, shuffled within each chunk.
-    cache_rows: int = 2_000_000
-    device: str = "auto"
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def prefetch(items: Iterable, depth: int = 2) -> Iterator:
@@ -90,23 +71,6 @@ def concatenate(chunks: list[TransformedBatch]) -> TransformedBatch:
     )
 
 
-def optimizers(model: CTRModel, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    """SparseAdam for embedding weights with sparse gradients, Adam for everything else."""
-    sparse_ids = {
-        id(module.weight)
-        for module in model.modules()
-        if isinstance(module, nn.Embedding) and module.sparse
-    }
-    sparse = [p for p in model.parameters() if id(p) in sparse_ids]
-    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    result: list[torch.optim.Optimizer] = []
-    if sparse:
-        result.append(torch.optim.SparseAdam(sparse, lr=config.embedding_lr))
-    if dense:
-        result.append(torch.optim.Adam(dense, lr=config.lr))
-    return result
-
-
 @torch.no_grad()
 def predict(model: CTRModel, batches: Iterable[TransformedBatch], device: torch.device,
             batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -127,56 +91,18 @@ def predict(model: CTRModel, batches: Iterable[TransformedBatch], device: torch.
     )
 
 
-class Trainer:
-    def __init__(self, model: CTRModel, config: TrainConfig) -> None:
-        self.config = config
-        self.device = pick_device(config.device)
-        self.model = model.to(self.device)
-        self.optimizers = optimizers(model, config)
-        self.loss = nn.BCEWithLogitsLoss()
-        self.rng = np.random.default_rng(config.seed)
-
-    def step(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> float:
-        self.model.train()
-        logits = self.model(
-            torch.from_numpy(dense).to(self.device), torch.from_numpy(sparse).to(self.device)
-        )
-        loss = self.loss(logits, torch.from_numpy(labels).to(self.device))
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in self.optimizers:
-            optimizer.step()
-        return float(loss.detach())
-
-    def epoch(self, chunks: Iterable[TransformedBatch], bar: tqdm) -> tuple[int, float]:
-        """One pass, shuffled within each chunk; returns rows seen and mean loss."""
-        rows, loss_sum, running = 0, 0.0, None
-        size = self.config.batch_size
-        for chunk in chunks:
-            order = self.rng.permutation(len(chunk))
-            for start in range(0, len(order), size):
-                index = order[start:start + size]
-                loss = self.step(chunk.dense[index], chunk.sparse[index], chunk.labels[index])
-                rows += len(index)
-                loss_sum += loss * len(index)
-                running = loss if running is None else 0.98 * running + 0.02 * loss
-                bar.update(len(index))
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        return rows, loss_sum / max(rows, 1)
-
-
 def lma_signatures(data: DataConfig, transform: FeatureTransform, config: ModelConfig,
                    chunk_rows: int) -> dict[str, np.ndarray] | None:
     """Minhash signatures for the model's LMA tables, from the first training rows."""
     names = list(transform.spec.categorical_names)
     sizes = transform.table_sizes
-    schemes = [config.embeddings.for_table(name) for name in names]
-    columns = [i for i, (scheme, size) in enumerate(zip(schemes, sizes, strict=True))
-               if effective_scheme(scheme, size) == "lma"]
-    if not columns:
+    settings = [effective_settings(config.embeddings.for_table(name), size)
+                for name, size in zip(names, sizes, strict=True)]
+    lma = [(column, s) for column, s in enumerate(settings) if isinstance(s, LMASettings)]
+    if not lma:
         return None
-    first = schemes[columns[0]]
+    columns = [column for column, _ in lma]
+    first = lma[0][1]
     signatures = minhash_signatures(
         (chunk.sparse for chunk in transformed(data, "train", transform, chunk_rows)),
         sizes, first.minhashes, first.sample_rows, first.seed, columns=columns,
@@ -186,14 +112,16 @@ def lma_signatures(data: DataConfig, transform: FeatureTransform, config: ModelC
 
 def search_pep_mask(model: CTRModel, data: DataConfig, transform: FeatureTransform,
                     config: ModelConfig, train_config: TrainConfig) -> dict | None:
-    """PEP's search phase, when the model has PEP tables: prune until they keep the configured
-    fraction, then rewind the model to its initial weights with the mask fixed."""
-    from .pep import SearchConfig, pep_tables, rewind, search_mask  # pep.py imports this module
-
+    """PEP's search phase, when the model has PEP tables: prune until they keep the fraction
+    configured for the first of them, then rewind the model to its initial weights with the mask
+    fixed."""
     tables = pep_tables(model)
     if not tables:
         return None
-    first = config.embeddings.for_table(next(iter(tables)))
+    name = next(iter(tables))
+    first = config.embeddings.for_table(name)
+    if not isinstance(first, PEPSettings):
+        raise ValueError(f"table {name} is a PEP table, configured {first.scheme}")
     cache = ChunkCache(train_config.cache_rows)
 
     def one_pass() -> Iterable[TransformedBatch]:
@@ -276,7 +204,7 @@ def fit(
     train_rows = None
     for epoch in range(1, train_config.epochs + 1):
         if epoch == 1:
-            chunks = cache.record(
+            chunks: Iterable[TransformedBatch] = cache.record(
                 prefetch(transformed(data, "train", transform, train_config.chunk_rows))
             )
         elif not cache.overflowed:
@@ -289,14 +217,15 @@ def fit(
         with bar:
             train_rows, mean_loss = trainer.epoch(chunks, bar)
         seconds = time.perf_counter() - epoch_started
-        record = {"epoch": epoch, "rows": train_rows, "train_loss": mean_loss, "seconds": seconds,
-                  "rows_per_second": train_rows / max(seconds, 1e-9)}
+        record: dict[str, Any] = {
+            "epoch": epoch, "rows": train_rows, "train_loss": mean_loss, "seconds": seconds,
+            "rows_per_second": train_rows / max(seconds, 1e-9)}
         labels, probabilities = predict(
             trainer.model, transformed(data, "valid", transform, train_config.chunk_rows),
             trainer.device,
         )
         if len(labels):
-            record["valid"] = metrics.summary(labels, probabilities)
+            record["valid"] = evaluation_metrics.summary(labels, probabilities)
             if best is None or record["valid"]["auc"] > best["valid"]["auc"]:
                 best = record
                 # deepcopy keeps tensors shared between tables (a shared memory) shared.
@@ -321,7 +250,7 @@ def fit(
         "best_epoch": best["epoch"] if best else len(history),
         "metrics": {
             "valid": best["valid"] if best else None,
-            "test": metrics.summary(labels, probabilities) if len(labels) else None,
+            "test": evaluation_metrics.summary(labels, probabilities) if len(labels) else None,
         },
         "pep_search": pep_search,
         "train_seconds": sum(record["seconds"] for record in history),

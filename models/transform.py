@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -89,6 +89,12 @@ class TransformedBatch:
     def __len__(self) -> int:
         return len(self.sparse)
 
+    def training_labels(self) -> np.ndarray:
+        """``labels``, which training needs."""
+        if self.labels is None:
+            raise ValueError("training rows need labels")
+        return self.labels
+
 
 @dataclass
 class FeatureTransform:
@@ -119,9 +125,9 @@ class FeatureTransform:
             else:
                 dense[:, index] = encoder.encode(np.full(n, np.nan))
         sparse = np.zeros((n, len(self.categorical)), dtype=np.int64)
-        for index, encoder in enumerate(self.categorical):
-            raw = batch.categorical.get(encoder.column.name)
-            sparse[:, index] = MISSING_ID if raw is None else encoder.encode(raw)
+        for index, categorical in enumerate(self.categorical):
+            raw = batch.categorical.get(categorical.column.name)
+            sparse[:, index] = MISSING_ID if raw is None else categorical.encode(raw)
         return TransformedBatch(dense=dense, sparse=sparse, labels=batch.labels)
 
     def save(self, directory: str | Path) -> None:
@@ -144,10 +150,10 @@ class FeatureTransform:
             ],
         }
         (directory / "transform.json").write_text(json.dumps(description, indent=2) + "\n")
-        np.savez(
-            directory / "vocabulary.npz",
-            **{f"c{i}": e.vocabulary for i, e in enumerate(self.categorical)},
-        )
+        # Any: mypy would also match the unpacked arrays against savez's ``allow_pickle: bool``.
+        vocabularies: dict[str, Any] = {
+            f"c{i}": e.vocabulary for i, e in enumerate(self.categorical)}
+        np.savez(directory / "vocabulary.npz", **vocabularies)
 
     @classmethod
     def load(cls, directory: str | Path) -> FeatureTransform:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs ctrserve with its training and test extras, pinned by
-# requirements/constraints.txt (a CPU build of torch), plus the servers the tests start
+# Creates .venv and installs ctrserve with its development extra (training, benchmarks, tests),
+# pinned by requirements/constraints.txt (a CPU build of torch), plus the servers the tests start
 # (redis-server, nginx, prometheus) and docker-compose (to validate the compose file, no engine
 # needed) from Debian packages when they are missing. Safe to run again.
 set -euo pipefail
@@ -27,5 +27,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# compat: a plain path entry for this folder, which type checkers and other static tools follow
+# (the default editable mode installs an import hook they cannot run).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -c requirements/constraints.txt -e ".[train,dev]"
+    -c requirements/constraints.txt --config-settings editable_mode=compat -e ".[dev]"

@@ -26,33 +26,9 @@ from ctrserve.models.keys import InvalidValueError
 from ctrserve.models.schema import RawBatch
 
 from .errors import BadRequest, QueueFull, RequestTimeout, Unavailable
+from .features import Features, ModelTensors, RawColumns
 from .metrics import BatchMetrics
 from .runtime import ModelRuntime
-
-
-@dataclass
-class Features:
-    """Rows to score: raw columns by name (transformed per batch), or the model's tensors."""
-
-    rows: int
-    dense_columns: dict[str, np.ndarray] | None = None
-    categorical_columns: dict[str, np.ndarray] | None = None
-    dense: np.ndarray | None = None
-    sparse: np.ndarray | None = None
-
-    @property
-    def raw(self) -> bool:
-        return self.sparse is None
-
-    def slice(self, start: int, stop: int) -> Features:
-        if not self.raw:
-            return Features(stop - start, dense=self.dense[start:stop],
-                            sparse=self.sparse[start:stop])
-        return Features(
-            stop - start,
-            dense_columns={k: v[start:stop] for k, v in self.dense_columns.items()},
-            categorical_columns={k: v[start:stop] for k, v in self.categorical_columns.items()},
-        )
 
 
 @dataclass(eq=False)
@@ -221,8 +197,8 @@ class Batcher:
         try:
             failures, probabilities = await loop.run_in_executor(self._executor, self._compute,
                                                                  batch)
-        except Exception as error:  # the session failed: every request of the batch learns why
-            failures, probabilities = {p.request: error for p in batch}, None
+        except Exception as session_error:  # the session failed: every request learns why
+            failures, probabilities = {p.request: session_error for p in batch}, None
         finally:
             if self.config.enabled:
                 self._in_flight_rows -= rows
@@ -233,20 +209,21 @@ class Batcher:
             self.stats.record(sum(p.features.rows for p in scored),
                               sum(started - p.enqueued for p in scored) / len(scored),
                               time.monotonic() - started)
-        for error in failures.values():
-            if isinstance(error, BadRequest):
+        for failure in failures.values():
+            if isinstance(failure, BadRequest):
                 self.metrics.rejections["bad_value"].inc()
         offset = 0
         for piece in scored:
+            assert probabilities is not None  # a piece was scored
             n = piece.features.rows
             piece.request.result[piece.offset:piece.offset + n] = probabilities[offset:offset + n]
             offset += n
             piece.request.pieces_left -= 1
             if piece.request.pieces_left == 0 and not piece.request.future.done():
                 piece.request.future.set_result(piece.request.result)
-        for request, error in failures.items():
+        for request, failure in failures.items():
             if not request.future.done() and not request.cancelled:
-                request.future.set_exception(error)
+                request.future.set_exception(failure)
 
     def _compute(self, batch: list[_Piece]) -> tuple[dict[_Request, Exception], np.ndarray | None]:
         """On the inference thread: transform the batch's raw rows at once, run the session.
@@ -264,7 +241,8 @@ class Batcher:
                 dense, sparse, dense_missing = self._tensors(live)
                 break
             except InvalidValueError as error:
-                piece, row = _locate([p for p in live if p.features.raw], error.row)
+                piece, row = _locate([p for p in live if isinstance(p.features, RawColumns)],
+                                      error.row)
                 failures[piece.request] = BadRequest(
                     f"column {error.column!r}, row {piece.offset + row}: {error.value!r} is not "
                     f"{error.expected}"
@@ -279,25 +257,25 @@ class Batcher:
     def _tensors(self, pieces: list[_Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """dense and sparse for ``pieces`` in order (raw pieces transformed together), and the
         raw pieces' count of missing values per dense column."""
-        raw = [p for p in pieces if p.features.raw]
-        transformed = dense_missing = None
-        if raw:
-            batch = RawBatch(
-                labels=None,
-                dense={name: np.concatenate([p.features.dense_columns[name] for p in raw])
-                       for name in raw[0].features.dense_columns},
-                categorical={name: _concatenate([p.features.categorical_columns[name]
-                                                 for p in raw])
-                             for name in raw[0].features.categorical_columns},
-            )
-            transformed = self.runtime.transform.transform(batch)
-            dense_missing = np.array([np.count_nonzero(np.isnan(batch.dense[e.name]))
-                                      for e in self.runtime.transform.dense], dtype=np.int64)
-            if len(raw) == len(pieces):
-                return transformed.dense, transformed.sparse, dense_missing
+        raw = [p.features for p in pieces if isinstance(p.features, RawColumns)]
+        tensors = [p.features for p in pieces if isinstance(p.features, ModelTensors)]
+        if not raw:
+            return (np.concatenate([f.dense for f in tensors]),
+                    np.concatenate([f.sparse for f in tensors]), None)
+        batch = RawBatch(
+            labels=None,
+            dense={name: np.concatenate([f.dense[name] for f in raw]) for name in raw[0].dense},
+            categorical={name: _concatenate([f.categorical[name] for f in raw])
+                         for name in raw[0].categorical},
+        )
+        transformed = self.runtime.transform.transform(batch)
+        dense_missing = np.array([np.count_nonzero(np.isnan(batch.dense[e.name]))
+                                  for e in self.runtime.transform.dense], dtype=np.int64)
+        if len(raw) == len(pieces):
+            return transformed.dense, transformed.sparse, dense_missing
         dense_parts, sparse_parts, start = [], [], 0
         for piece in pieces:
-            if piece.features.raw:
+            if isinstance(piece.features, RawColumns):
                 stop = start + piece.features.rows
                 dense_parts.append(transformed.dense[start:stop])
                 sparse_parts.append(transformed.sparse[start:stop])

@@ -94,8 +94,10 @@ class RedisControl:
 
     async def read(self) -> ControlRecord:
         try:
-            generation, models = await self.client.pipeline(transaction=False).get(
-                self.generation_key).hgetall(self.models_key).execute()
+            pipeline = self.client.pipeline(transaction=False)
+            pipeline.get(self.generation_key)
+            pipeline.hgetall(self.models_key)
+            generation, models = await pipeline.execute()
         except (RedisError, OSError) as error:
             raise ControlUnavailable(f"Redis: {type(error).__name__}") from None
         return ControlRecord(int(generation or 0),
@@ -104,8 +106,10 @@ class RedisControl:
     async def update(self, name: str, loaded: bool, version: int | None) -> None:
         entry = json.dumps({"loaded": loaded, "version": version})
         try:
-            generation, _ = await self.client.pipeline(transaction=True).incr(
-                self.generation_key).hset(self.models_key, name, entry).execute()
+            pipeline = self.client.pipeline(transaction=True)
+            pipeline.incr(self.generation_key)
+            pipeline.hset(self.models_key, name, entry)
+            generation, _ = await pipeline.execute()
             await self.client.publish(self.channel, str(generation))
         except (RedisError, OSError) as error:
             raise ControlUnavailable(f"Redis: {type(error).__name__}") from None

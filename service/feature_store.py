@@ -67,6 +67,12 @@ class EmbeddedFeatureStore:
                     transform: FeatureTransform) -> Stored:
         return {(entity, key): self._rows.get(entity, {}).get(key) for entity, key in keys}
 
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
 
 class RedisFeatureStore:
     def __init__(self, url: str, namespace: str, timeout_ms: int) -> None:
@@ -121,6 +127,14 @@ class RedisFeatureStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+FeatureStore = EmbeddedFeatureStore | RedisFeatureStore
+
+
+def open_feature_store(url: str, namespace: str, timeout_ms: int) -> FeatureStore:
+    """Redis at ``url``, or the embedded store when there is no URL."""
+    return RedisFeatureStore(url, namespace, timeout_ms) if url else EmbeddedFeatureStore()
 
 
 def _parsers(transform: FeatureTransform) -> dict:

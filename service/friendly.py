@@ -19,8 +19,8 @@ import orjson
 
 from ctrserve.models.transform import FeatureTransform
 
-from .batcher import Features
 from .errors import BadRequest, PayloadTooLarge
+from .features import RawColumns
 
 _CATEGORICAL = (str, int)
 #: Rows from which an integer column with missing values becomes a masked int64 array. Building
@@ -36,7 +36,7 @@ def parse_json(body: bytes) -> object:
         raise BadRequest(f"the body is not valid JSON: {error}") from None
 
 
-def decode_score_request(body: bytes, transform: FeatureTransform, max_rows: int) -> Features:
+def decode_score_request(body: bytes, transform: FeatureTransform, max_rows: int) -> RawColumns:
     payload = parse_json(body)
     if not isinstance(payload, dict) or len(payload.keys() & {"rows", "columns"}) != 1:
         raise BadRequest('the body must be an object with either "rows" (a list of objects) or '
@@ -48,14 +48,19 @@ def decode_score_request(body: bytes, transform: FeatureTransform, max_rows: int
     return features_from_columns(columns, n, transform)
 
 
+def encode_score_response(model: str, version: int, probabilities: np.ndarray) -> bytes:
+    return orjson.dumps({"model": model, "version": version, "probabilities": probabilities},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def features_from_columns(columns: dict[str, list], n: int,
-                          transform: FeatureTransform) -> Features:
+                          transform: FeatureTransform) -> RawColumns:
     """Raw values by column name (``n`` per column; absent columns are missing) as the
     batcher's raw features, type-checked."""
-    return Features(
+    return RawColumns(
         n,
-        dense_columns={e.name: _dense(e.name, columns.get(e.name), n) for e in transform.dense},
-        categorical_columns={
+        dense={e.name: _dense(e.name, columns.get(e.name), n) for e in transform.dense},
+        categorical={
             e.column.name: _categorical(e.column.name, e.column.kind, columns.get(e.column.name),
                                         n)
             for e in transform.categorical

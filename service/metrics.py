@@ -29,6 +29,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from ctrserve.models.transform import MISSING_ID, OOV_ID
+
 from .settings import MULTIPROCESS_DIR
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -184,10 +186,10 @@ class BatchMetrics:
 
     def data_quality(self, sparse: np.ndarray, dense_missing: np.ndarray | None,
                      vocabulary_columns: np.ndarray) -> None:
-        """Counts ids 0 (missing) per column and ids 1 (out of vocabulary) in vocabulary
-        columns; ``dense_missing``: NaN counts per dense column of the raw rows."""
-        missing = np.count_nonzero(sparse == 0, axis=0)
-        oov = np.count_nonzero(sparse == 1, axis=0)
+        """Counts the missing id per column and the out-of-vocabulary id in vocabulary columns;
+        ``dense_missing``: NaN counts per dense column of the raw rows."""
+        missing = np.count_nonzero(sparse == MISSING_ID, axis=0)
+        oov = np.count_nonzero(sparse == OOV_ID, axis=0)
         for index, count in enumerate(missing):
             if count:
                 self.missing[index].inc(int(count))

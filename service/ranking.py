@@ -1,5 +1,5 @@
 """Ranking requests: entity ids in, one probability per candidate out, features joined from the
-online store (see ``feature_view.py`` and ``feature_store.py``)."""
+online store (see ``feature_view.py`` and ``feature_store.py``), scored through the data plane."""
 
 from __future__ import annotations
 
@@ -8,25 +8,20 @@ import logging
 import numpy as np
 
 from . import metrics
+from .dataplane import DataPlane
 from .errors import NotFound, Unavailable
-from .feature_store import EmbeddedFeatureStore, RedisFeatureStore
+from .feature_store import EmbeddedFeatureStore
 from .feature_view import FeatureView, assemble_rows, entity_keys, load_view
 from .friendly import features_from_columns, parse_json
-from .repository import ModelRepository, ServedModel
-from .settings import ServiceSettings
+from .repository import ServedModel
 
 log = logging.getLogger("ctrserve.ranking")
 
 
 class Ranker:
-    def __init__(self, repository: ModelRepository, settings: ServiceSettings) -> None:
-        self.repository = repository
-        self.settings = settings
-        self.store: RedisFeatureStore | EmbeddedFeatureStore = (
-            RedisFeatureStore(settings.redis_url, settings.redis_namespace,
-                              settings.redis_timeout_ms)
-            if settings.redis_url else EmbeddedFeatureStore()
-        )
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+        self.store = dataplane.store
         self._views: dict[tuple[str, int], FeatureView | str] = {}
 
     def view(self, served: ServedModel) -> FeatureView:
@@ -35,10 +30,10 @@ class Ranker:
         key = (runtime.name, runtime.version)
         if key not in self._views:
             try:
-                view = load_view(runtime.package.directory.parent, runtime.transform)
-                if view is not None and isinstance(self.store, EmbeddedFeatureStore):
-                    self.store.add_view(view)
-                self._views[key] = view or f"model {runtime.name!r} has no feature view"
+                loaded = load_view(runtime.package.directory.parent, runtime.transform)
+                if loaded is not None and isinstance(self.store, EmbeddedFeatureStore):
+                    self.store.add_view(loaded)
+                self._views[key] = loaded or f"model {runtime.name!r} has no feature view"
             except (ValueError, OSError) as error:
                 log.error("%s", error)
                 self._views[key] = f"model {runtime.name!r}: {error}"
@@ -49,11 +44,11 @@ class Ranker:
 
     async def rank(self, name: str, body: bytes) -> dict:
         payload = parse_json(body)
-        served = self.repository.get(name)
+        served = self.dataplane.model(name)
         view = self.view(served)
         transform = served.runtime.transform
         entities, candidates, context = entity_keys(payload, view,
-                                                    self.settings.max_request_rows)
+                                                    self.dataplane.settings.max_request_rows)
         keys = list(dict.fromkeys(
             [(e, str(k)) for e, k in entities.items()]
             + [(e, str(k)) for c in candidates for e, k in c.items() if e in view.entities]
@@ -66,15 +61,8 @@ class Ranker:
         known = [e.name for e in transform.dense] + [e.column.name for e in transform.categorical]
         columns = {c: [row.get(c) for row in rows] for c in known}
         features = features_from_columns(columns, len(rows), transform)
-        served = self.repository.get(name)  # the store answered: score on the current version
-        probabilities = (await served.batcher.score(features) if rows
+        served = self.dataplane.model(name)  # the store answered: score on the current version
+        probabilities = (await self.dataplane.score(served, features) if rows
                          else np.zeros(0, np.float32))
         return {"model": name, "version": served.version, "probabilities": probabilities,
                 "missing_entities": [f"{entity}:{key}" for entity, key in missing]}
-
-    async def store_healthy(self) -> bool:
-        return not isinstance(self.store, RedisFeatureStore) or await self.store.ping()
-
-    async def close(self) -> None:
-        if isinstance(self.store, RedisFeatureStore):
-            await self.store.close()

@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctrserve.export.package import PackageError, load_package, versions
+from ctrserve.export.package import (
+    PackageError,
+    load_package,
+    model_names,
+    valid_model_name,
+    versions,
+)
 
 from . import metrics
 from .batcher import Batcher, BatchingConfig
-from .control import CONTROL_DIR, ControlFile, ControlRecord, ControlUnavailable, RedisControl
+from .control import ControlFile, ControlRecord, ControlUnavailable, RedisControl
 from .errors import BadRequest, NotFound
 from .runtime import ModelLoadError, ModelRuntime, cpu_threads, load_runtime
 from .settings import ServiceSettings
 
 log = logging.getLogger("ctrserve.repository")
-
-#: Model names: a plain directory name, no separators, not starting with a dot.
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
 
 @dataclass
 class ServedModel:
@@ -78,27 +79,15 @@ class ModelRepository:
     # -- what is there ------------------------------------------------------------------------
 
     def names_on_disk(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        root = self.root.resolve()
-        return sorted(
-            child.name for child in self.root.iterdir()
-            if child.is_dir() and child.name != CONTROL_DIR and MODEL_NAME.fullmatch(child.name)
-            and child.resolve().is_relative_to(root) and versions(child)
-        )
+        return model_names(self.root)
 
-    def get(self, name: str, version: int | None = None) -> ServedModel:
-        served = self._served.get(name)
-        if served is None:
-            state = self._states.get(name)
-            if state is None and name not in self.names_on_disk():
-                raise NotFound(f"unknown model {name!r}")
-            reason = f": {state.reason}" if state and state.reason else ""
-            raise NotFound(f"model {name!r} is not loaded{reason}")
-        if version is not None and version != served.version:
-            raise NotFound(f"model {name!r} version {version} is not loaded (serving version "
-                           f"{served.version})")
-        return served
+    def on_disk(self, name: str) -> bool:
+        """Whether ``name`` is a model of the repository (with at least one version)."""
+        return name in self.names_on_disk()
+
+    def served_model(self, name: str) -> ServedModel | None:
+        """The version of ``name`` that takes requests now, if any."""
+        return self._served.get(name)
 
     def known(self, name: str) -> bool:
         """Whether ``name`` is served or was ever loaded, unloaded or refused here."""
@@ -128,7 +117,7 @@ class ModelRepository:
     def _model_directory(self, name: str) -> Path:
         """``REPO/name``, refusing names that could leave the repository (``..``, separators,
         a symlink pointing outside)."""
-        if not MODEL_NAME.fullmatch(name):
+        if not valid_model_name(name):
             raise NotFound(f"invalid model name {name!r}")
         directory = self.root / name
         root = self.root.resolve()
@@ -228,9 +217,9 @@ class ModelRepository:
 
     # -- start, follow, stop ------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self) -> list[str]:
         """Loads the configured models (all on disk when none are named), then applies the
-        control record over them."""
+        control record over them; returns the models the record keeps unloaded."""
         try:
             record = await self.control.read()
         except ControlUnavailable as error:
@@ -239,18 +228,26 @@ class ModelRepository:
             record = ControlRecord()
         self._control_generation = record.generation
         names = self.settings.models or self.names_on_disk()
+        kept_unloaded = []
         for name in names:
             wanted = record.models.get(name, {"loaded": True, "version": None})
             if wanted["loaded"]:
                 await self._try_load(name, wanted["version"])
+            else:
+                kept_unloaded.append(name)
+                self._states[name] = ModelState(name, reason="unloaded")
         for name, wanted in record.models.items():
             if name not in names and wanted["loaded"]:
                 await self._try_load(name, wanted["version"])
+        return kept_unloaded
 
     async def _try_load(self, name: str, version: int | None) -> None:
+        """Loads, or leaves the reason it could not in the model's state (and the log)."""
         try:
             await self.load(name, version)
-        except (BadRequest, NotFound) as error:
+        except BadRequest:
+            pass  # the version failed to load: load() recorded and logged why
+        except NotFound as error:
             self._states.setdefault(name, ModelState(name)).reason = error.message
             log.error("%s", error.message)
 

@@ -57,7 +57,7 @@ def cpu_threads(workers: int, requested: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one per loaded version
 class ModelRuntime:
     package: Package
     transform: FeatureTransform

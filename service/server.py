@@ -13,14 +13,11 @@ from pathlib import Path
 
 import uvicorn
 
+from ctrserve.export.package import model_names
+
 from .settings import MULTIPROCESS_DIR, ServiceSettings
 
 APP = "ctrserve.service.app:create_app"
-
-
-def settings_from(flags: dict) -> ServiceSettings:
-    """Settings from command-line flags over the environment over the defaults."""
-    return ServiceSettings(**flags)
 
 
 def export_to_environment(settings: ServiceSettings) -> None:
@@ -35,6 +32,12 @@ def export_to_environment(settings: ServiceSettings) -> None:
 
 
 def serve(settings: ServiceSettings) -> int:
+    """Runs the service until it is stopped; refuses to start (ValueError) when the repository
+    has no model to serve."""
+    if not (settings.models or model_names(settings.repo)):
+        raise ValueError(f"no model to serve: {settings.repo} holds no model package (expected "
+                         "REPO/NAME/VERSION/ directories written by 'ctrserve export'; pass "
+                         "--repo)")
     export_to_environment(settings)
     if settings.workers > 1:
         # Every worker writes its metric samples here; /metrics merges them. Set before any
@@ -50,3 +53,4 @@ def serve(settings: ServiceSettings) -> int:
                 workers=settings.workers, log_level=settings.log_level,
                 limit_concurrency=settings.max_concurrency or None)
     return 0
+

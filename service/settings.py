@@ -1,5 +1,7 @@
-"""Service settings: command-line flags, or environment variables prefixed ``CTRSERVE_``
-(``CTRSERVE_REPO=/models``, ``CTRSERVE_MODELS='["ctr"]'``, ``CTRSERVE_MAX_BATCH_ROWS=512``)."""
+"""Service settings: command-line flags, else environment variables prefixed ``CTRSERVE_``
+(``CTRSERVE_REPO=/models``, ``CTRSERVE_MODELS='["ctr"]'``, ``CTRSERVE_MAX_BATCH_ROWS=512``), else
+the defaults below. ``ctrserve serve``'s flags are derived from these fields (``--max-batch-rows``
+for ``max_batch_rows``), with their descriptions as help."""
 
 from __future__ import annotations
 
@@ -9,61 +11,69 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "CTRSERVE_"
 #: prometheus-client's multiprocess directory variable (set for several workers).
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: The repository when none is given: a name no source folder has.
+DEFAULT_REPO = Path("model-repository")
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CTRSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    #: The model repository: ``REPO/NAME/VERSION/`` packages.
-    repo: Path = Path("models")
-    #: Models to load at start; empty: every model in the repository.
-    models: list[str] = Field(default_factory=list)
-    #: Pinned versions by model name; other models serve their highest version.
-    versions: dict[str, int] = Field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    repo: Path = Field(DEFAULT_REPO, description="the model repository: REPO/NAME/VERSION/ "
+                                                 "packages written by 'ctrserve export'")
+    models: list[str] = Field([],
+                              description="models to serve (repeatable; default: every model "
+                                          "of the repository)")
+    versions: dict[str, int] = Field({},
+                                     description='pinned versions by model, e.g. {"ctr": 2}; '
+                                                 "other models serve their highest version")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
 
-    #: ``auto``: CUDA when a GPU and its libraries are usable, else CPU.
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
-    #: ONNX Runtime intra-op threads per session; 0: the cores divided among the workers.
-    intra_op_threads: int = 0
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime provider; auto: CUDA when a GPU and its libraries "
+                            "are usable, else CPU")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per "
+                                                       "session; 0: the cores divided among "
+                                                       "the workers")
 
-    #: Dynamic batching: rows of concurrent requests run as one batch of at most this many rows,
-    #: waiting at most ``max_queue_delay_us`` for more after the first arrives.
-    batching: bool = True
-    max_batch_rows: int = 1024
-    max_queue_delay_us: int = 500
-    #: Rows waiting per model beyond which requests are rejected at once (503, Retry-After).
-    max_queue_rows: int = 65536
-    #: Per-request limit on the time spent waiting and running, in ms (0: none).
-    request_timeout_ms: int = 0
-    #: Rows per request beyond which the request is refused (413).
-    max_request_rows: int = 100_000
-    #: Connections plus running requests per worker beyond which uvicorn answers 503 at once,
-    #: before reading the body (0: no limit). Sheds load when parsing, not inference, is the
-    #: bottleneck.
-    max_concurrency: int = 0
-    #: Request bodies beyond this many bytes are refused (413).
-    max_body_bytes: int = 64 * 1024 * 1024
-    #: A request body must arrive within this many seconds (408 otherwise).
-    body_timeout_s: float = 30.0
+    batching: bool = Field(True, description="dynamic batching: rows of concurrent requests "
+                                             "run as one batch")
+    max_batch_rows: int = Field(1024, ge=1, description="rows per batch at most")
+    max_queue_delay_us: int = Field(500, ge=0, description="how long a batch waits for more "
+                                                           "rows after its first arrived (us)")
+    max_queue_rows: int = Field(65536, ge=1, description="rows waiting per model beyond which "
+                                                         "requests are refused at once (503, "
+                                                         "Retry-After)")
+    request_timeout_ms: int = Field(0, ge=0, description="per-request limit on waiting and "
+                                                         "running (ms; 0: none)")
+    max_request_rows: int = Field(100_000, ge=1, description="rows per request beyond which "
+                                                             "it is refused (413)")
+    max_concurrency: int = Field(0, ge=0, description="connections plus running requests per "
+                                                      "worker beyond which uvicorn answers 503 "
+                                                      "before reading the body (0: no limit)")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="request bodies beyond "
+                                                                    "this size are refused "
+                                                                    "(413)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within "
+                                                          "this time (408 otherwise)")
 
-    #: Bearer token required by the repository control routes (load, unload); empty: open.
-    admin_token: str = ""
-    #: Seconds between scans of the repository for new versions (0: never).
-    poll_interval_s: float = 0.0
-    #: Seconds between checks of the control record other workers write (load/unload).
-    control_interval_s: float = 0.5
-    log_level: str = "info"
+    admin_token: str = Field("", description="bearer token the repository routes (load, "
+                                             "unload, index) require; empty: open")
+    poll_interval_s: float = Field(0.0, ge=0, description="scan the repository for new "
+                                                          "versions this often (s; 0: never)")
+    control_interval_s: float = Field(0.5, gt=0, description="check the control record other "
+                                                             "workers write this often (s)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info",
+                                                                    description="log level")
 
-    #: Redis for the online feature store and for rollout across replicas (empty: none; the
-    #: embedded store serves ranking from each feature view's source files).
-    redis_url: str = ""
-    redis_namespace: str = "ctrserve"
-    #: Limit on one request's feature reads (and on control reads and writes).
-    redis_timeout_ms: int = 100
-    #: Whether readiness requires Redis to answer.
-    redis_required: bool = False
+    redis_url: str = Field("", description="Redis for the online feature store and for "
+                                           "rollout across replicas (empty: none; ranking uses "
+                                           "the embedded store)")
+    redis_namespace: str = Field("ctrserve", description="prefix of every Redis key")
+    redis_timeout_ms: int = Field(100, ge=1, description="limit on one request's feature reads "
+                                                         "and on control reads and writes (ms)")
+    redis_required: bool = Field(False, description="readiness requires Redis to answer")

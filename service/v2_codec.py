@@ -31,13 +31,14 @@ import orjson
 
 from ctrserve.models.transform import FeatureTransform
 
-from .batcher import Features
 from .errors import BadRequest, PayloadTooLarge
+from .features import Features, ModelTensors, RawColumns
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "probability"
 #: Numpy's dtype of each fixed-size Triton datatype this service reads (little-endian on the wire).
-_NUMPY = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT64": np.dtype("<i8")}
+_NUMPY: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+                               "INT64": np.dtype("<i8")}
 #: The numpy kinds JSON values may parse to for each datatype: an integer is a valid FP32 value,
 #: a float is not a valid INT64 one.
 _JSON_KINDS = {"FP32": "iuf", "FP64": "iuf", "INT64": "iu", "BYTES": "U"}
@@ -112,6 +113,7 @@ def decode_infer_request(body: bytes, header_length: str | None, schema: ModelSc
     n = next(iter(rows.values()))
     if n > max_rows:
         raise PayloadTooLarge(f"{n:,} rows in one request; the limit is {max_rows:,}")
+    features: Features
     if tensors.keys() & _TENSORS.keys():
         features = _tensor_features(tensors, n, schema)
     else:
@@ -132,7 +134,7 @@ def encode_infer_response(model: str, version: int, request_id: str | None,
     output["parameters"] = {"binary_data_size": probabilities.nbytes}
     header = orjson.dumps(response)
     # The batcher's result is a fresh contiguous float32 array: its memory is the payload.
-    return b"".join((header, memoryview(probabilities))), {HEADER_LENGTH: str(len(header))}
+    return b"".join((header, probabilities.data)), {HEADER_LENGTH: str(len(header))}
 
 
 def _json_length(value: str | None, body_length: int) -> int:
@@ -265,10 +267,11 @@ def _from_json(name: str, datatype: str, shape: list[int], data: object) -> np.n
                          f"{values.size}")
     if count and values.dtype.kind not in _JSON_KINDS[datatype]:
         raise BadRequest(f"input {name!r}: data are not all {datatype} values")
-    return values.reshape(count).astype(_NUMPY.get(datatype, str), copy=False)
+    return values.reshape(count).astype(_NUMPY.get(datatype, np.dtype(str)), copy=False)
 
 
-def _tensor_features(tensors: dict[str, np.ndarray], n: int, schema: ModelSchema) -> Features:
+def _tensor_features(tensors: dict[str, np.ndarray], n: int,
+                     schema: ModelSchema) -> ModelTensors:
     raw = sorted(tensors.keys() - _TENSORS.keys())
     if raw:
         raise BadRequest(f"send either the tensors 'dense' and 'sparse' or raw columns, not "
@@ -288,22 +291,21 @@ def _tensor_features(tensors: dict[str, np.ndarray], n: int, schema: ModelSchema
         row, column = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
         raise BadRequest(f"input 'dense', row {row}, column {column}: {dense[row, column]} is "
                          "not a finite number")
-    return Features(n, dense=dense, sparse=sparse)
+    return ModelTensors(n, dense, sparse)
 
 
-def _raw_features(tensors: dict[str, np.ndarray], n: int, schema: ModelSchema) -> Features:
+def _raw_features(tensors: dict[str, np.ndarray], n: int, schema: ModelSchema) -> RawColumns:
     """Raw columns as ``friendly.py`` builds them: every column present, absent ones missing."""
     for name in schema.dense_columns:
         values = tensors.get(name)
         if values is not None and values.dtype.kind == "f" and np.isinf(values).any():
             row = int(np.flatnonzero(np.isinf(values))[0])
             raise BadRequest(f"input {name!r}, row {row}: {values[row]} is not a finite number")
-    return Features(
+    return RawColumns(
         n,
-        dense_columns={name: tensors.get(name, np.full(n, np.nan))
-                       for name in schema.dense_columns},
-        categorical_columns={name: tensors.get(name, np.full(n, None, dtype=object))
-                             for name in schema.categorical_kinds},
+        dense={name: tensors.get(name, np.full(n, np.nan)) for name in schema.dense_columns},
+        categorical={name: tensors.get(name, np.full(n, None, dtype=object))
+                     for name in schema.categorical_kinds},
     )
 
 

@@ -7,21 +7,27 @@ from pathlib import Path
 import pytest
 
 from ctrserve.cli import main
-from ctrserve.models.bench_accuracy import SCHEMES
-from ctrserve.models.budget import fit_budget, fit_pep_keep, full_bytes
-from ctrserve.models.embeddings import build_tables
+from ctrserve.models.bench_accuracy import VARIANTS
+from ctrserve.models.budget import fit_pep, fit_pep_keep, full_bytes
+from ctrserve.models.embeddings.scheme_settings import PEPSettings, SchemeSettings
 from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
+from ctrserve.models.schemes import build_tables, scheme_of
 
 NAMES = ["a", "b", "c", "d", "e"]
 SIZES = [3, 40, 700, 5000, 12]
 DIM = 8
 
 
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if SCHEMES[s].scheme != "pep"])
+def fit_budget(base: SchemeSettings, budget: int):
+    return scheme_of(base).fit_budget(base, NAMES, SIZES, DIM, budget)
+
+
+@pytest.mark.parametrize("scheme", [name for name, base in VARIANTS.items()
+                                    if not isinstance(base, PEPSettings)])
 @pytest.mark.parametrize("fraction", [1 / 2, 1 / 4, 1 / 16, 1 / 64])
 def test_fitted_bytes_are_the_built_tables_bytes_and_within_the_budget(scheme, fraction):
     budget = int(full_bytes(SIZES, DIM) * fraction)
-    fitted = fit_budget(SCHEMES[scheme], NAMES, SIZES, DIM, budget)
+    fitted = fit_budget(VARIANTS[scheme], budget)
     if not fitted.reachable:
         assert fitted.bytes > budget and fitted.reason
         return
@@ -32,15 +38,13 @@ def test_fitted_bytes_are_the_built_tables_bytes_and_within_the_budget(scheme, f
 
 def test_reachability_follows_each_schemes_floor():
     budget = full_bytes(SIZES, DIM) // 16
-    reachable = {name: fit_budget(base, NAMES, SIZES, DIM, budget).reachable
-                 for name, base in SCHEMES.items()}
+    reachable = {name: fit_budget(base, budget).reachable for name, base in VARIANTS.items()}
     # int8 stores 8 + 8 bytes of a 32-byte row, fp16 half of it; LMA's 4-byte signature per row
     # caps it under 8x at D = 8; PEP's offsets and mask bits take 5 of 32 bytes a row.
     assert reachable == {"full": False, "hash": True, "qr-mult": True, "qr-concat": True,
                          "kpart3": True, "pep-field-dim": False, "pep-feature-dim": False,
                          "lma": False, "robe": True, "int8": False, "fp16": False}
-    assert "offsets and mask bits" in fit_budget(SCHEMES["pep-field-dim"], NAMES, SIZES, DIM,
-                                                 budget).reason
+    assert "offsets and mask bits" in fit_budget(VARIANTS["pep-field-dim"], budget).reason
 
 
 @pytest.mark.parametrize("fraction", [1 / 3, 1 / 8, 1 / 50])
@@ -51,17 +55,20 @@ def test_hash_takes_the_most_bytes_under_the_budget(fraction):
         if (total := sum(4 * DIM * n if n <= cap else 4 * DIM * cap + 8 for n in SIZES))
         <= budget
     )
-    assert fit_budget(SCHEMES["hash"], NAMES, SIZES, DIM, budget).bytes == best
+    assert fit_budget(VARIANTS["hash"], budget).bytes == best
 
 
 def test_pep_keeps_what_the_budget_leaves_after_its_index_data():
     budget = full_bytes(SIZES, DIM) // 4
-    fitted = fit_budget(SCHEMES["pep-field-dim"], NAMES, SIZES, DIM, budget)
-    assert fitted.embeddings is not None
-    keep = fitted.embeddings.default.pep_keep
+    base = VARIANTS["pep-field-dim"]
+    assert isinstance(base, PEPSettings)
+    fitted = fit_pep(base, NAMES, SIZES, DIM, budget)
+    assert fitted.embeddings is not None and not fitted.exact
+    settings = fitted.embeddings.default
+    assert isinstance(settings, PEPSettings)
     # One more value would not fit: 4 bytes a value.
     assert budget - 4 < fitted.bytes <= budget
-    assert fit_pep_keep(SCHEMES["pep-field-dim"], SIZES, DIM, keep).bytes == fitted.bytes
+    assert fit_pep_keep(base, SIZES, DIM, settings.pep_keep).bytes == fitted.bytes
 
 
 @pytest.fixture(scope="module")

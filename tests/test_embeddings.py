@@ -3,21 +3,31 @@ import math
 import pytest
 import torch
 
-from ctrserve.models.embeddings import (
-    CompositionalTable,
-    FullTable,
-    HashedTable,
-    SchemeConfig,
-    build_table,
-)
-from ctrserve.models.embeddings.base import INIT_STD
+from ctrserve.models.embeddings.base import EmbeddingTable
 from ctrserve.models.embeddings.compositional import (
+    CompositionalTable,
     balanced_radices,
     digits,
     quotient_remainder_radices,
 )
+from ctrserve.models.embeddings.constants import INIT_STD
+from ctrserve.models.embeddings.full import FullTable
+from ctrserve.models.embeddings.hashing import HashedTable
+from ctrserve.models.embeddings.scheme_settings import (
+    EmbeddingConfig,
+    FullSettings,
+    HashSettings,
+    KPartSettings,
+    QRSettings,
+    SchemeSettings,
+)
+from ctrserve.models.schemes import build_tables
 
 EDGES = [2**24, 2**31, 2**40]
+
+
+def build_table(settings: SchemeSettings, rows: int, dim: int) -> EmbeddingTable:
+    return build_tables(["t"], [rows], dim, EmbeddingConfig(default=settings))[0]
 
 
 def python_digits(value: int, radices: tuple[int, ...]) -> tuple[int, ...]:
@@ -51,14 +61,14 @@ def test_complementary_partitions_give_unique_index_tuples(radices):
 
 def test_unique_tuples_near_two_to_the_forty():
     n = 2**40 + 5
-    table = build_table(SchemeConfig("kpart", partitions=3), n, 4)
+    table = build_table(KPartSettings(partitions=3), n, 4)
     ids = torch.tensor([n - 1 - k for k in range(64)] + [2**40 - k for k in range(64)])
     tuples = torch.stack(digits(ids, table.radices), dim=1)
     assert len({tuple(r) for r in tuples.tolist()}) == len(set(ids.tolist()))
 
 
 def test_qr_rows_of_distinct_ids_are_distinct():
-    table = build_table(SchemeConfig("qr", collisions=4, operation="mult"), 5000, 8)
+    table = build_table(QRSettings(collisions=4, operation="mult"), 5000, 8)
     with torch.no_grad():
         for t in table.tables:
             t.weight.normal_()
@@ -74,16 +84,17 @@ def test_balanced_radices_cover_and_are_balanced():
             assert max(radices) - min(radices) <= max(2, max(radices) // 100)
 
 
-def closed_form_bytes(config: SchemeConfig, n: int, dim: int) -> int:
+def closed_form_bytes(config: SchemeSettings, n: int, dim: int) -> int:
     """Independent byte counts: fp32 weights, int64 scalars for bucket counts and radices."""
-    if config.scheme == "full" or n < config.min_rows:
+    if isinstance(config, FullSettings) or n < config.min_rows:
         return n * dim * 4
-    if config.scheme == "hash":
+    if isinstance(config, HashSettings):
         return math.ceil(n / config.compression) * dim * 4 + 8
-    if config.scheme == "qr":
+    if isinstance(config, QRSettings):
         rows = config.collisions + math.ceil(n / config.collisions)
         k = 2
     else:
+        assert isinstance(config, KPartSettings)
         k = config.partitions
         rows = sum(balanced_radices(n, k))
     width = dim // k if config.operation == "concat" else dim
@@ -92,19 +103,19 @@ def closed_form_bytes(config: SchemeConfig, n: int, dim: int) -> int:
 
 
 CONFIGS = [
-    SchemeConfig("full"),
-    SchemeConfig("hash", compression=4),
-    SchemeConfig("hash", compression=16),
-    SchemeConfig("qr", collisions=4, operation="mult"),
-    SchemeConfig("qr", collisions=8, operation="add"),
-    SchemeConfig("qr", collisions=4, operation="concat"),
-    SchemeConfig("kpart", partitions=3, operation="mult"),
-    SchemeConfig("kpart", partitions=4, operation="concat"),
-    SchemeConfig("qr", collisions=4, min_rows=50_000),
+    FullSettings(),
+    HashSettings(compression=4),
+    HashSettings(compression=16),
+    QRSettings(collisions=4, operation="mult"),
+    QRSettings(collisions=8, operation="add"),
+    QRSettings(collisions=4, operation="concat"),
+    KPartSettings(partitions=3, operation="mult"),
+    KPartSettings(partitions=4, operation="concat"),
+    QRSettings(collisions=4, min_rows=50_000),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.scheme}-{c.operation}")
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_bytes_agree_three_ways(config):
     n, dim = 10_007, 16
     table = build_table(config, n, dim)
@@ -114,7 +125,7 @@ def test_bytes_agree_three_ways(config):
 
 
 def test_qr_at_four_collisions_is_about_four_times_smaller():
-    table = build_table(SchemeConfig("qr", collisions=4), 1_000_000, 16)
+    table = build_table(QRSettings(collisions=4), 1_000_000, 16)
     assert 3.99 < table.full_bytes() / table.inference_bytes() < 4.0
 
 
@@ -140,8 +151,8 @@ def test_hashing_is_id_mod_buckets():
 
 
 def test_small_tables_stay_full_under_threshold():
-    assert isinstance(build_table(SchemeConfig("qr", min_rows=100), 99, 8), FullTable)
-    assert isinstance(build_table(SchemeConfig("qr", min_rows=100), 100, 8), CompositionalTable)
+    assert isinstance(build_table(QRSettings(min_rows=100), 99, 8), FullTable)
+    assert isinstance(build_table(QRSettings(min_rows=100), 100, 8), CompositionalTable)
 
 
 def test_uncovering_radices_are_refused():

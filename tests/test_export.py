@@ -22,24 +22,37 @@ from ctrserve.export.parity import parity_batches, session_options
 from ctrserve.models.checkpoint import load_checkpoint, save_checkpoint
 from ctrserve.models.data import DataConfig
 from ctrserve.models.dlrm import ModelConfig, build_model
-from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+from ctrserve.models.embeddings.scheme_settings import (
+    EmbeddingConfig,
+    FP16Settings,
+    FullSettings,
+    HashSettings,
+    Int8Settings,
+    KPartSettings,
+    LMASettings,
+    PEPSettings,
+    QRSettings,
+    RobeSettings,
+    SchemeSettings,
+)
 from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
-from ctrserve.models.train import TrainConfig, fit
+from ctrserve.models.train import fit
+from ctrserve.models.trainer import TrainConfig
 from ctrserve.models.transform import TransformConfig
 
 QUICK = TrainConfig(epochs=1, batch_size=256, progress=False)
-SCHEMES = {
-    "full": SchemeConfig("full"),
-    "hash": SchemeConfig("hash", min_rows=100, compression=4),
-    "qr-mult": SchemeConfig("qr", min_rows=100, collisions=4),
-    "qr-add": SchemeConfig("qr", min_rows=100, collisions=4, operation="add"),
-    "qr-concat": SchemeConfig("qr", min_rows=100, collisions=4, operation="concat"),
-    "kpart": SchemeConfig("kpart", min_rows=100, partitions=3),
-    "pep": SchemeConfig("pep", min_rows=100, pep_keep=0.2),
-    "int8": SchemeConfig("int8", min_rows=100),
-    "fp16": SchemeConfig("fp16", min_rows=100),
-    "lma": SchemeConfig("lma", min_rows=100, compression=2),
-    "robe": SchemeConfig("robe", min_rows=100, compression=8),
+SCHEMES: dict[str, SchemeSettings] = {
+    "full": FullSettings(),
+    "hash": HashSettings(min_rows=100, compression=4),
+    "qr-mult": QRSettings(min_rows=100, collisions=4),
+    "qr-add": QRSettings(min_rows=100, collisions=4, operation="add"),
+    "qr-concat": QRSettings(min_rows=100, collisions=4, operation="concat"),
+    "kpart": KPartSettings(min_rows=100, partitions=3),
+    "pep": PEPSettings(min_rows=100, pep_keep=0.2),
+    "int8": Int8Settings(min_rows=100),
+    "fp16": FP16Settings(min_rows=100),
+    "lma": LMASettings(min_rows=100, compression=2),
+    "robe": RobeSettings(min_rows=100, compression=8),
 }
 COMPRESSED_OPS = {"hash": "HashGather", "qr-mult": "QRGather", "qr-add": "QRGather",
                   "qr-concat": "QRGather", "kpart": "QRGather", "pep": "PrunedGather",
@@ -60,7 +73,7 @@ def data(tmp_path_factory) -> DataConfig:
     return _data(tmp_path_factory.mktemp("data"))
 
 
-def _train(data: DataConfig, out: Path, scheme: SchemeConfig, kind: str = "dlrm",
+def _train(data: DataConfig, out: Path, scheme: SchemeSettings, kind: str = "dlrm",
            transform: TransformConfig | None = None) -> Path:
     model = ModelConfig(kind=kind, dim=8 if kind == "dlrm" else 1, bottom=(16,), top=(16,),
                         embeddings=EmbeddingConfig(default=scheme))
@@ -140,8 +153,7 @@ def test_ids_near_2_40_stay_exact_in_integer_arithmetic(data, tmp_path):
     such tables (k-part compositional, ROBE); their ids near 2**31 and 2**40 must pick the same
     rows as torch."""
     huge = TransformConfig(hash_buckets=2**41 + 5)
-    for scheme in (SchemeConfig("kpart", partitions=3),
-                   SchemeConfig("robe", compression=2**30)):
+    for scheme in (KPartSettings(partitions=3), RobeSettings(compression=2**30)):
         checkpoint = _train(data, tmp_path / scheme.scheme, scheme, transform=huge)
         package = export_checkpoint(checkpoint, tmp_path / "repo", scheme.scheme,
                                     log=lambda _: None)

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ctrserve.models.evaluation_metrics import roc_auc
 from ctrserve.models.generate import (
     CHUNK_ROWS,
     CRITEO_CARDINALITIES,
@@ -26,7 +27,6 @@ from ctrserve.models.generate import (
     write_criteo_like,
     write_entities,
 )
-from ctrserve.models.metrics import roc_auc
 from ctrserve.models.schema import DatasetSpec, RawBatch
 
 # Crosses a chunk boundary; a few columns, big and small, keep it quick.

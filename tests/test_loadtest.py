@@ -1,6 +1,7 @@
-"""Load tests and the serving benchmark, in smoke versions: the driver for a few seconds against
-real servers, locust headless in a subprocess (importing locust here would monkey-patch the test
-process through gevent), and the generator's open loop against a deliberately slow server."""
+"""Load tests and the serving benchmark, in smoke versions: the driver and the overload run for a
+few seconds against real servers, locust headless in a subprocess (importing locust here would
+monkey-patch the test process through gevent), the generator's loops against a deliberately slow
+server, and ``ctrserve bench serve`` on an install without the bench extra."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pytest
 from servers import ServiceProcess
 
 from ctrserve.loadtest import load
-from ctrserve.loadtest.driver import summarise_profile
 from ctrserve.loadtest.payloads import RowPool, candidate_counts
-from ctrserve.loadtest.servers import ServerProcess
+from ctrserve.loadtest.profiles import summarise_profile
+from ctrserve.loadtest.servers import ServerProcess, free_port
 from ctrserve.models.schema import RawBatch
 from ctrserve.service.friendly import decode_score_request
 from ctrserve.service.v2_codec import HEADER_LENGTH, ModelSchema, decode_infer_request
@@ -49,8 +50,7 @@ def test_every_api_body_carries_the_same_rows(trained):
         body = pool.body(api, index)
         features = decode_score_request(body.data, pool.transform, 1000)
         transformed = pool.transform.transform(RawBatch(
-            labels=None, dense=features.dense_columns,
-            categorical=features.categorical_columns))
+            labels=None, dense=features.dense, categorical=features.categorical))
         np.testing.assert_array_equal(transformed.sparse, pool.sparse[index])
         np.testing.assert_allclose(transformed.dense, pool.dense[index])
     synthesised = RowPool(_package(trained), rows=2000)
@@ -63,7 +63,10 @@ def test_every_api_body_carries_the_same_rows(trained):
 SLOW_SERVER = textwrap.dedent("""
     import asyncio, sys
     lock = None
+    refuse_every_other = sys.argv[2] == "refuse-every-other"
+    answered = 0
     async def handle(reader, writer):
+        global answered
         while True:
             head = await reader.readuntil(b"\\r\\n\\r\\n")
             length = 0
@@ -71,6 +74,10 @@ SLOW_SERVER = textwrap.dedent("""
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             await reader.readexactly(length)
+            answered += 1
+            if refuse_every_other and answered % 2 == 0:  # at once, as a shedding server does
+                writer.write(b"HTTP/1.1 503 Service Unavailable\\r\\nContent-Length: 0\\r\\n\\r\\n")
+                continue
             async with lock:  # one request at a time, 50 ms each: 20 requests/s at most
                 await asyncio.sleep(0.05)
             writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
@@ -84,30 +91,99 @@ SLOW_SERVER = textwrap.dedent("""
 
 
 class _SlowServer(ServerProcess):
+    """One request at a time, 50 ms each; with ``refuse_every_other``, every second request is
+    answered 503 at once instead."""
+
     kind = "slow"
 
-    def __init__(self, log_dir: Path) -> None:
-        from ctrserve.loadtest.servers import free_port
-
+    def __init__(self, log_dir: Path, refuse_every_other: bool = False) -> None:
         port = free_port()
-        super().__init__([sys.executable, "-c", SLOW_SERVER, str(port)], None, None, log_dir,
-                         port)
+        mode = "refuse-every-other" if refuse_every_other else "answer-all"
+        super().__init__([sys.executable, "-c", SLOW_SERVER, str(port), mode], None, None,
+                         log_dir, port)
 
 
 def test_open_loop_times_latency_from_the_schedule_not_the_send(trained, tmp_path):
     pool = RowPool(_package(trained), rows=64)
     bodies = pool.bodies("v2-binary", 4, 8)
     with _SlowServer(tmp_path) as server:
-        closed = load.run(lambda: load.closed_loop(server.url, bodies, 1, 1.0, 0.2))
+        closed = load.run(load.closed_loop(server.url, bodies, 1, 1.0, 0.2))
         # Twice what the server can do: the queue grows for the whole run, and the latency
         # seen from each scheduled send time shows it.
-        opened = load.run(lambda: load.open_loop(server.url, bodies, 40.0, 2.0, 0.0))
+        opened = load.run(load.open_loop(server.url, bodies, 40.0, 2.0, 0.0))
     assert closed.errors == {} and 45 < closed.latency_ms["p50"] < 150
     assert 16 <= closed.req_per_s <= 21
     assert opened.sent == opened.ok + opened.error_count and opened.errors == {}
     assert opened.req_per_s < 25  # the server's capacity, not the offered 40/s
     assert opened.latency_ms["p99"] > 10 * closed.latency_ms["p50"]  # > 0.5 s of queueing
     assert _ordered(opened.latency_ms) and opened.send_lag_ms["p99"] < 100
+
+
+def test_refusals_are_counted_and_timed_apart_from_answers(trained, tmp_path):
+    pool = RowPool(_package(trained), rows=64)
+    bodies = pool.bodies("v2-binary", 4, 8)
+    with _SlowServer(tmp_path, refuse_every_other=True) as server:
+        closed = load.run(load.closed_loop(server.url, bodies, 1, 1.0, 0.2))
+        opened = load.run(load.open_loop(server.url, bodies, 20.0, 2.0, 0.0))
+    for result in (closed, opened):
+        assert set(result.errors) == {"http_503"} and result.ok >= 5, result
+        assert result.sent == result.ok + result.errors["http_503"]
+        assert abs(result.ok - result.errors["http_503"]) <= 0.2 * result.sent + 1
+        assert result.latency_ms["p50"] >= 50  # answered after the server's 50 ms
+        assert result.error_latency_ms["http_503"]["p50"] < 25  # refused at once
+        assert _ordered(result.error_latency_ms["http_503"])
+
+
+def test_overload_run_counts_every_request_and_samples_memory(trained, tmp_path):
+    out = tmp_path / "overload"
+    command = [sys.executable, "-m", "ctrserve.loadtest.overload", "--package",
+               str(_package(trained)), "--data", str(trained["rows_file"]), "--rows", "16",
+               "--clients", "4", "--probe-s", "1", "--warmup", "0.3", "--factor", "4",
+               "--seconds", "2", "--max-concurrency", "8", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "overload.json").read_text())
+    assert report["offered_req_s"] == pytest.approx(4 * report["capacity_req_s"])
+    assert set(report["before"]["counts"]) == {"200"}  # 4 clients stay under the limit of 8
+    # Recovery: answered again (the first requests may still meet the overload's connections).
+    assert report["after"]["counts"]["200"] > 0 and report["after"]["rate"] > 0
+    for phase in ("before", "overload", "after"):
+        assert _ordered(report[phase]["accepted_latency_ms"])
+    overload = report["overload"]
+    scheduled = sum(overload["counts"].values())  # every request has exactly one outcome
+    expected = 2 * report["offered_req_s"]
+    assert abs(scheduled - expected) < 4 * expected**0.5 + 5, (scheduled, expected)
+    assert overload["counts"]["200"] > 0 and overload["counts"].get("http_503", 0) > 0
+    assert overload["rejected_latency_ms"]["p50"] > 0
+    assert len(report["rss_mib"]) == 2  # one sample a second
+    assert report["rss_mib"][0][0] < report["rss_mib"][1][0] < 2
+    assert all(mib > 20 for _, mib in report["rss_mib"])  # the service's group, in MiB
+
+
+#: Runs the ``ctrserve`` command with the bench extra's modules made unimportable (a ``None``
+#: entry in ``sys.modules`` makes ``import`` raise ModuleNotFoundError), as on a base install.
+WITHOUT_BENCH_EXTRA = textwrap.dedent("""
+    import sys
+    for name in ("aiohttp", "locust", "matplotlib"):
+        sys.modules[name] = None
+    from ctrserve.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_bench_serve_without_the_bench_extra_names_what_to_install(trained, tmp_path):
+    command = [sys.executable, "-c", WITHOUT_BENCH_EXTRA, "bench", "serve"]
+    helped = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT)
+    assert helped.returncode == 0 and "--package" in helped.stdout, helped.stderr
+    out = tmp_path / "bench"
+    done = subprocess.run([*command, "--package", str(_package(trained)), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "ctrserve bench serve: error: aiohttp and matplotlib not installed (the bench extra): "
+        "pip install 'ctrserve[bench]'"]
+    assert not out.exists()  # stopped before anything ran
 
 
 def test_bench_serve_smoke_against_real_servers(trained, tmp_path):

@@ -9,7 +9,6 @@ import torch
 
 from ctrserve.models.dlrm import CTRModel, ModelConfig, build_model
 from ctrserve.models.embeddings.pep import (
-    DEFAULT_THRESHOLD_INIT,
     GRANULARITIES,
     PEPTable,
     pack_bits,
@@ -17,7 +16,8 @@ from ctrserve.models.embeddings.pep import (
     share_thresholds,
     unpack_bits,
 )
-from ctrserve.models.pep import (
+from ctrserve.models.embeddings.scheme_settings import DEFAULT_THRESHOLD_INIT
+from ctrserve.models.pep_search import (
     SearchConfig,
     SearchResult,
     apply_masks,
@@ -26,7 +26,7 @@ from ctrserve.models.pep import (
     rewind,
     search_mask,
 )
-from ctrserve.models.train import TrainConfig, Trainer, optimizers
+from ctrserve.models.trainer import TrainConfig, Trainer, optimizers
 from ctrserve.models.transform import TransformedBatch
 
 #: A small table with frequent values, and a large one whose values are mostly rare.
@@ -301,7 +301,7 @@ def test_at_a_tenth_of_the_values_pep_is_within_0_01_auc_of_the_full_model_on_fr
     model with the same training. docs/accuracy/frappe-d64 has the report; at D = 16 the gap is
     0.011 (docs/accuracy/README.md)."""
     from ctrserve.models.data import DataConfig
-    from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+    from ctrserve.models.embeddings.scheme_settings import EmbeddingConfig, PEPSettings
     from ctrserve.models.train import fit
     from ctrserve.models.transform import TransformConfig
 
@@ -309,7 +309,7 @@ def test_at_a_tenth_of_the_values_pep_is_within_0_01_auc_of_the_full_model_on_fr
                       format="libfm", test_path=str(shared_data / "frappe" / "frappe.test.libfm"),
                       split="random", fractions=(0.9, 0.1))
     full_model = ModelConfig(dim=64, top=(256, 128))
-    pep = SchemeConfig("pep", granularity="field_dimension", min_rows=0, pep_keep=0.1)
+    pep = PEPSettings(granularity="field_dimension", min_rows=0, pep_keep=0.1)
     pep_model_config = ModelConfig(dim=64, top=(256, 128),
                                    embeddings=EmbeddingConfig(default=pep))
     full_auc, pep_auc = [], []
@@ -334,7 +334,7 @@ def test_the_search_reads_the_training_data_once_when_it_fits_in_memory(
     reads the file again. Training's first epoch reads it once more either way."""
     import ctrserve.models.train as train
     from ctrserve.models.data import DataConfig
-    from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+    from ctrserve.models.embeddings.scheme_settings import EmbeddingConfig, PEPSettings
     from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
     from ctrserve.models.transform import TransformConfig
 
@@ -342,7 +342,7 @@ def test_the_search_reads_the_training_data_once_when_it_fits_in_memory(
                       tmp_path / "data", progress=False)
     data = DataConfig(path=str(tmp_path / "data" / "data.parquet"), format="parquet",
                       spec_path=str(tmp_path / "data" / "spec.json"), split="random")
-    pep = SchemeConfig("pep", min_rows=0, pep_keep=0.3, drift=0.05)
+    pep = PEPSettings(min_rows=0, pep_keep=0.3, drift=0.05)
     model = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(default=pep))
     reads: list[str] = []
     read = train.transformed

@@ -5,12 +5,16 @@ import pytest
 import torch
 
 from ctrserve.models.dlrm import CTRModel, ModelConfig, build_model
-from ctrserve.models.embeddings import EmbeddingConfig, FullTable, SchemeConfig, build_table
-from ctrserve.models.embeddings.quantized import (
-    QuantizedTable,
-    quantize_model,
-    quantize_table,
+from ctrserve.models.embeddings.full import FullTable
+from ctrserve.models.embeddings.quantized import QuantizedTable, quantize_table
+from ctrserve.models.embeddings.scheme_settings import (
+    SETTINGS,
+    EmbeddingConfig,
+    Int8Settings,
+    QRSettings,
 )
+from ctrserve.models.quantize import quantize_model
+from ctrserve.models.schemes import build_tables
 
 FP32_EPS = torch.finfo(torch.float32).eps
 FP16_UNIT_ROUNDOFF = 2.0**-11
@@ -109,7 +113,8 @@ def test_rejects_what_it_cannot_quantize():
     with pytest.raises(ValueError, match="kind"):
         QuantizedTable(10, 4, "int4")
     with pytest.raises(TypeError, match="full"):
-        quantize_table(build_table(SchemeConfig("qr"), 100, 4), "int8")
+        qr_table = build_tables(["t"], [100], 4, EmbeddingConfig(default=QRSettings()))[0]
+        quantize_table(qr_table, "int8")
     table = FullTable(10, 4)
     with torch.no_grad():
         table.table.weight[3, 1] = 1e5
@@ -152,7 +157,7 @@ def total_bytes(model: CTRModel) -> tuple[int, int]:
 def test_quantize_model_keeps_predictions_and_shrinks_bytes(kind, bytes_per_row):
     model = small_dlrm()
     quantized = copy.deepcopy(model)
-    assert quantize_model(quantized, EmbeddingConfig(default=SchemeConfig(kind))) == NAMES
+    assert quantize_model(quantized, EmbeddingConfig(default=SETTINGS[kind]())) == NAMES
     assert all(isinstance(table, QuantizedTable) for table in quantized.tables)
     reference, got = probabilities(model), probabilities(quantized)
     assert not torch.equal(got, reference)
@@ -171,9 +176,8 @@ def test_quantize_model_keeps_predictions_and_shrinks_bytes(kind, bytes_per_row)
 
 
 def test_quantize_model_skips_small_and_compressed_tables():
-    model = small_dlrm(EmbeddingConfig(default=SchemeConfig("qr", min_rows=500)))
+    model = small_dlrm(EmbeddingConfig(default=QRSettings(min_rows=500)))
     qr_table, small_table = model.tables[0], model.tables[2]
-    assert quantize_model(model, EmbeddingConfig(default=SchemeConfig("int8", min_rows=100))) \
-        == ["b"]
+    assert quantize_model(model, EmbeddingConfig(default=Int8Settings(min_rows=100))) == ["b"]
     assert model.tables[0] is qr_table and model.tables[2] is small_table
     assert isinstance(model.tables[1], QuantizedTable)

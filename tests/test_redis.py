@@ -20,7 +20,7 @@ from ctrserve.demo import RANK_VIEW
 from ctrserve.export.exporter import export_checkpoint
 from ctrserve.models.data import DataConfig
 from ctrserve.models.dlrm import ModelConfig
-from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+from ctrserve.models.embeddings.scheme_settings import EmbeddingConfig, QRSettings
 from ctrserve.models.generate import EntityConfig, write_entities, write_entity_joined
 from ctrserve.models.train import TrainConfig, fit
 from ctrserve.models.transform import TransformConfig
@@ -87,7 +87,7 @@ def ranked(tmp_path_factory) -> dict:
     data = DataConfig(path=str(write_entity_joined(root)), format="parquet",
                       spec_path=str(root / "spec.json"), split="random")
     model = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
-        default=SchemeConfig("qr", min_rows=50, collisions=4)))
+        default=QRSettings(min_rows=50, collisions=4)))
     fit(data, model, TrainConfig(epochs=1, batch_size=256, progress=False), TransformConfig(),
         str(root / "ckpt"))
     repo = root / "repo"

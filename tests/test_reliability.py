@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from servers import HOST, ServiceProcess, request_rows
 
 from ctrserve.service.errors import ServiceError
+from ctrserve.service.features import RawColumns
 from ctrserve.service.v2_codec import ModelSchema, decode_infer_request
 
 SCORE = "/v1/models/ctr/score"
@@ -285,8 +286,8 @@ def test_the_binary_v2_codec_refuses_what_it_cannot_read_with_a_client_error(bod
         assert 400 <= error.status < 500, error.message
         return
     features = decoded.features
-    if features.raw:
-        assert all(len(v) == features.rows for v in features.categorical_columns.values())
+    if isinstance(features, RawColumns):
+        assert all(len(v) == features.rows for v in features.categorical.values())
     else:
         assert features.sparse.shape == (features.rows, 2)
         assert (features.sparse >= 0).all() and (features.sparse < [5, 7]).all()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctrserve.models.embeddings.base import INIT_STD
+from ctrserve.models.embeddings.constants import INIT_STD
 from ctrserve.models.embeddings.lma import (
     LMATable,
     fallback_signatures,
@@ -19,7 +19,7 @@ from ctrserve.models.embeddings.robe import (
     robe_memory_size,
 )
 from ctrserve.models.embeddings.shared_memory import PRIME, SharedMemory
-from ctrserve.models.train import TrainConfig, optimizers
+from ctrserve.models.trainer import TrainConfig, optimizers
 
 EDGES = [2**24, 2**31, 2**40]
 

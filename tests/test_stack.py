@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import time
+import tomllib
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_
     with ExitStack() as stack:
         redis, redis_url = start_redis(tmp_path / "redis")
         stack.callback(redis.stop)
-        common = ("--model", "ctr", "--redis-url", redis_url)
+        common = ("--models", "ctr", "--redis-url", redis_url)
         # Started together, waited for in turn. The second replica has a small queue and waits
         # up to 300 ms to fill a batch: two burst requests at once overflow it.
         replicas = [
@@ -265,7 +266,11 @@ def test_dockerfile_lints_clean_and_builds_the_images_compose_uses():
                             for line in installs), installs
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
     assert 'pip install -c requirements/constraints.txt .' in text  # serving: no train extra
-    assert "onnxruntime-gpu[cuda,cudnn]" in text
+    # The GPU image installs the gpu extra: ONNX Runtime's CUDA and cuDNN wheels.
+    assert '"/app[gpu]"' in text
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["gpu"]
+    assert any(line.startswith("onnxruntime-gpu[cuda,cudnn]") for line in gpu_extra)
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users[-1] == "10001:10001"
     assert re.search(r"^HEALTHCHECK .*\n?.*/v2/health/live", text, flags=re.M)

@@ -12,10 +12,19 @@ import torch
 from ctrserve.models.checkpoint import load_checkpoint
 from ctrserve.models.data import DataConfig
 from ctrserve.models.dlrm import ModelConfig
-from ctrserve.models.embeddings import EmbeddingConfig, SchemeConfig
+from ctrserve.models.embeddings.scheme_settings import (
+    EmbeddingConfig,
+    HashSettings,
+    Int8Settings,
+    LMASettings,
+    PEPSettings,
+    QRSettings,
+    RobeSettings,
+)
 from ctrserve.models.evaluate import evaluate
 from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
-from ctrserve.models.train import TrainConfig, fit
+from ctrserve.models.train import fit
+from ctrserve.models.trainer import TrainConfig
 from ctrserve.models.transform import TransformConfig
 
 SMALL = ModelConfig(dim=8, bottom=(32,), top=(32,))
@@ -51,8 +60,8 @@ def test_checkpoint_evaluates_to_the_metrics_training_reported(generated, tmp_pa
 def test_mixed_schemes_follow_the_size_threshold(generated, tmp_path):
     data, _ = generated
     config = ModelConfig(dim=8, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
-        default=SchemeConfig("qr", collisions=4, min_rows=1000),
-        tables={"C5": SchemeConfig("hash", compression=8)},
+        default=QRSettings(collisions=4, min_rows=1000),
+        tables={"C5": HashSettings(compression=8)},
     ))
     result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
     schemes = {t["table"]: t["scheme"] for t in result["tables"]}
@@ -136,7 +145,7 @@ def test_predictions_are_probabilities(generated, tmp_path):
 def test_int8_tables_are_trained_full_then_quantized(generated, tmp_path):
     data, _ = generated
     config = ModelConfig(dim=16, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
-        default=SchemeConfig("int8", min_rows=1000)))
+        default=Int8Settings(min_rows=1000)))
     result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
     schemes = {t["table"]: t["scheme"] for t in result["tables"]}
     assert schemes == {"C1": "full", "C2": "full", "C3": "int8", "C4": "full", "C5": "int8"}
@@ -146,13 +155,16 @@ def test_int8_tables_are_trained_full_then_quantized(generated, tmp_path):
     assert again["auc"] == pytest.approx(result["metrics"]["test"]["auc"], abs=1e-9)
 
 
-@pytest.mark.parametrize("scheme", ["lma", "robe"])
-def test_shared_memory_schemes_train_and_reload(generated, tmp_path, scheme):
+@pytest.mark.parametrize("settings", [
+    LMASettings(compression=8, min_rows=1000, sample_rows=5000),
+    RobeSettings(compression=8, min_rows=1000),
+], ids=lambda settings: settings.scheme)
+def test_shared_memory_schemes_train_and_reload(generated, tmp_path, settings):
     data, _ = generated
-    config = ModelConfig(dim=16, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
-        default=SchemeConfig(scheme, compression=8, min_rows=1000, sample_rows=5000)))
+    config = ModelConfig(dim=16, bottom=(16,), top=(16,),
+                         embeddings=EmbeddingConfig(default=settings))
     result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
-    shared = [t for t in result["tables"] if t["scheme"] == scheme]
+    shared = [t for t in result["tables"] if t["scheme"] == settings.scheme]
     assert [t["table"] for t in shared] == ["C3", "C5"]
     stored = sum(t["bytes"] for t in shared)
     full = sum(t["full_bytes"] for t in shared)
@@ -166,7 +178,7 @@ def test_shared_memory_schemes_train_and_reload(generated, tmp_path, scheme):
 def test_pep_searches_a_mask_then_retrains_with_it(generated, tmp_path):
     data, _ = generated
     config = ModelConfig(dim=16, bottom=(16,), top=(16,), embeddings=EmbeddingConfig(
-        default=SchemeConfig("pep", pep_keep=0.3, drift=0.05)))
+        default=PEPSettings(pep_keep=0.3, drift=0.05)))
     result = fit(data, config, QUICK, TransformConfig(), str(tmp_path / "ckpt"))
     search = result["pep_search"]
     assert search["nonzeros"] <= 0.3 * search["full"] and search["steps"] > 0

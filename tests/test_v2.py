@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 from ctrserve.models.schema import RawBatch
 from ctrserve.models.transform import FeatureTransform
 from ctrserve.service.errors import BadRequest, PayloadTooLarge
+from ctrserve.service.features import RawColumns
 from ctrserve.service.v2_codec import ModelSchema, decode_infer_request
 
 ROWS = 48
@@ -207,7 +208,7 @@ def _truncated(inputs: list[triton.InferInput], rows: int) -> list[triton.InferI
 ERRORS: list[tuple[str, Callable, str, str]] = [
     ("unknown model", lambda c, i: c.infer("nope", i), "404", "unknown model 'nope'"),
     ("unknown version", lambda c, i: c.infer("ctr", i, model_version="7"), "404",
-     "model 'ctr' version 7 is not loaded (serving version 1)"),
+     "model 'ctr' version 7 is not served (serving version 1)"),
     ("unknown metadata", lambda c, i: c.get_model_metadata("nope"), "404",
      "unknown model 'nope'"),
     ("wrong shape", lambda c, i: c.infer("ctr", _with(i, "sparse", "INT64", np.ones(
@@ -395,8 +396,8 @@ def test_the_codec_gives_raw_columns_to_the_batcher_as_the_friendly_api_does():
                   {"name": "I2", "datatype": "INT64", "shape": [2], "data": [3, 4]}],
                  _element(b"a1") + _element(b""))
     features = decode_infer_request(*body, SCHEMA, 100).features
-    assert features.raw and features.rows == 2
-    assert list(features.categorical_columns["C2"]) == ["a1", ""]  # "": missing
-    assert list(features.categorical_columns["C1"]) == [None, None]  # left out: missing
-    np.testing.assert_array_equal(features.dense_columns["I1"], [np.nan, np.nan])
-    np.testing.assert_array_equal(features.dense_columns["I2"], [3, 4])
+    assert isinstance(features, RawColumns) and features.rows == 2
+    assert list(features.categorical["C2"]) == ["a1", ""]  # "": missing
+    assert list(features.categorical["C1"]) == [None, None]  # left out: missing
+    np.testing.assert_array_equal(features.dense["I1"], [np.nan, np.nan])
+    np.testing.assert_array_equal(features.dense["I2"], [3, 4])

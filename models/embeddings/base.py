@@ -10,16 +10,22 @@ against each other.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
-FLOAT32_BYTES = 4
-INT64_BYTES = 8
+from .constants import FLOAT32_BYTES, INIT_STD
 
-#: Standard deviation of a freshly initialised embedding value, for every scheme: combined
-#: vectors (products, sums, concatenations) are initialised to this same scale.
-INIT_STD = 0.1
+#: A count of rows or values, or an array of counts: the budget search evaluates a byte formula
+#: for many settings at once.
+Count = TypeVar("Count", int, np.ndarray)
+
+
+def fp32_bytes(rows: int, dim: int) -> int:
+    """Bytes of an uncompressed fp32 table: a full table's, and what every table stands in for."""
+    return rows * dim * FLOAT32_BYTES
 
 
 class EmbeddingTable(nn.Module, ABC):
@@ -54,7 +60,7 @@ class EmbeddingTable(nn.Module, ABC):
 
     def full_bytes(self) -> int:
         """Bytes of the uncompressed fp32 table this one stands in for."""
-        return self.num_embeddings * self.dim * FLOAT32_BYTES
+        return fp32_bytes(self.num_embeddings, self.dim)
 
     def summary(self) -> dict:
         stored = self.inference_bytes()

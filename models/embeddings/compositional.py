@@ -20,14 +20,15 @@ ordinary table instead of the product of two tiny numbers; for ``add`` each part
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
-from .base import FLOAT32_BYTES, INIT_STD, INT64_BYTES, EmbeddingTable, sparse_table
+from .base import Count, EmbeddingTable, sparse_table
+from .constants import FLOAT32_BYTES, INIT_STD, INT64_BYTES
 
-Operation = Literal["mult", "add", "concat"]
 OPERATIONS: tuple[str, ...] = ("mult", "add", "concat")
 
 
@@ -68,11 +69,19 @@ def part_widths(dim: int, partitions: int, operation: str) -> list[int]:
     return [dim // partitions + (1 if j < dim % partitions else 0) for j in range(partitions)]
 
 
+def compositional_bytes(radices: Sequence[Count], dim: int, operation: str) -> Count:
+    """Bytes of a compositional table: each part's fp32 rows and the int64 radices. The radices
+    may be arrays (the budget search evaluates many settings at once)."""
+    widths = part_widths(dim, len(radices), operation)
+    rows = [radix * width for radix, width in zip(radices, widths, strict=True)]
+    return sum(rows[1:], start=rows[0]) * FLOAT32_BYTES + len(radices) * INT64_BYTES
+
+
 class CompositionalTable(EmbeddingTable):
     """Reported as scheme ``qr`` with two partitions and ``kpart`` with more."""
 
     def __init__(
-        self, num_embeddings: int, dim: int, radices: tuple[int, ...], operation: Operation
+        self, num_embeddings: int, dim: int, radices: tuple[int, ...], operation: str
     ) -> None:
         super().__init__(num_embeddings, dim)
         if operation not in OPERATIONS:
@@ -111,15 +120,17 @@ class CompositionalTable(EmbeddingTable):
     def settings(self) -> dict:
         return {"radices": list(self.radices), "operation": self.operation}
 
+    def weights(self) -> list[torch.Tensor]:
+        """The parts' weights, in radix order."""
+        return [table.weight for table in cast(list[nn.Embedding], list(self.tables))]
+
     def parameter_count(self) -> int:
-        return sum(table.weight.numel() for table in self.tables)
+        return sum(weight.numel() for weight in self.weights())
 
     def inference_bytes(self) -> int:
-        widths = part_widths(self.dim, len(self.radices), self.operation)
-        weights = sum(r * w for r, w in zip(self.radices, widths, strict=True)) * FLOAT32_BYTES
-        return weights + len(self.radices) * INT64_BYTES
+        return compositional_bytes(self.radices, self.dim, self.operation)
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"weight{j}": table.weight.detach() for j, table in enumerate(self.tables)}
+        tensors = {f"weight{j}": weight.detach() for j, weight in enumerate(self.weights())}
         tensors["radices"] = torch.tensor(self.radices, dtype=torch.int64)
         return tensors

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FLOAT32_BYTES, EmbeddingTable, sparse_table
+from .base import EmbeddingTable, fp32_bytes, sparse_table
 
 
 class FullTable(EmbeddingTable):
@@ -24,7 +24,7 @@ class FullTable(EmbeddingTable):
         return self.num_embeddings * self.dim
 
     def inference_bytes(self) -> int:
-        return self.num_embeddings * self.dim * FLOAT32_BYTES
+        return fp32_bytes(self.num_embeddings, self.dim)
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.table.weight.detach()}

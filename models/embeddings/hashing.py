@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import FLOAT32_BYTES, INT64_BYTES, EmbeddingTable, sparse_table
+from .base import Count, EmbeddingTable, sparse_table
+from .constants import FLOAT32_BYTES, INT64_BYTES
+
+
+def hash_buckets(rows: int, compression: float) -> int:
+    """Buckets of a table of ``rows`` rows hashed ``compression`` times smaller."""
+    return min(math.ceil(rows / compression), rows)
+
+
+def hashed_bytes(buckets: Count, dim: int) -> Count:
+    """Bytes of a hashed table: the fp32 buckets and their int64 count. ``buckets`` may be an
+    array (the budget search evaluates many at once)."""
+    return buckets * dim * FLOAT32_BYTES + INT64_BYTES
 
 
 class HashedTable(EmbeddingTable):
@@ -27,7 +41,7 @@ class HashedTable(EmbeddingTable):
         return self.buckets * self.dim
 
     def inference_bytes(self) -> int:
-        return self.buckets * self.dim * FLOAT32_BYTES + INT64_BYTES
+        return hashed_bytes(self.buckets, self.dim)
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
         return {

@@ -38,8 +38,14 @@ import numpy as np
 import torch
 
 from ..keys import seeded_hash
-from .base import FLOAT32_BYTES, INT64_BYTES, EmbeddingTable
-from .shared_memory import PRIME, SharedMemory, max_compression, memory_size_for
+from .constants import FLOAT32_BYTES, INT64_BYTES
+from .shared_memory import (
+    PRIME,
+    SharedMemory,
+    SharedMemoryTable,
+    max_compression,
+    memory_size_for,
+)
 
 SIGNATURE_BYTES = 4
 #: Distinguishes the hash streams derived from one seed.
@@ -160,7 +166,15 @@ def lma_memory_size(table_sizes: Sequence[int], dim: int, minhashes: int,
     )
 
 
-class LMATable(EmbeddingTable):
+def lma_bytes(table_sizes: Sequence[int], dim: int, minhashes: int, compression: float) -> int:
+    """Bytes of LMA tables of these sizes sharing one memory: the memory, and each table's
+    signatures and hash coefficients (its ``inference_bytes`` hold its share of the memory)."""
+    memory = lma_memory_size(table_sizes, dim, minhashes, compression)
+    return (memory * FLOAT32_BYTES
+            + sum(lma_metadata_bytes(rows, dim, minhashes) for rows in table_sizes))
+
+
+class LMATable(SharedMemoryTable):
     """An LMA table reading ``memory``; ``signatures`` is int32 ``[num_embeddings, K]``.
 
     To rebuild a trained table, pass signatures of the right shape (e.g. ``fallback_signatures``)
@@ -168,10 +182,12 @@ class LMATable(EmbeddingTable):
     """
 
     scheme = "lma"
+    signatures: torch.Tensor
+    coefficients: torch.Tensor
+    minhash_of_coordinate: torch.Tensor
 
     def __init__(self, num_embeddings: int, dim: int, memory: SharedMemory,
                  signatures: np.ndarray | torch.Tensor) -> None:
-        super().__init__(num_embeddings, dim)
         signatures = torch.as_tensor(signatures)
         if (signatures.dtype != torch.int32 or signatures.ndim != 2
                 or signatures.shape[0] != num_embeddings or signatures.shape[1] < 1):
@@ -181,9 +197,8 @@ class LMATable(EmbeddingTable):
             )
         if int(signatures.min()) < 0:
             raise ValueError("signatures must be non-negative 31-bit minhashes")
-        self.memory = memory
+        super().__init__(num_embeddings, dim, memory)
         self.minhashes = int(signatures.shape[1])
-        self.slot = memory.attach(self.full_bytes())
         self.register_buffer("signatures", signatures.clone())
         self.register_buffer("coefficients", torch.from_numpy(lma_coefficients(memory.seed, dim)))
         self.register_buffer(
@@ -203,18 +218,13 @@ class LMATable(EmbeddingTable):
         return {"memory_size": self.memory.size, "minhashes": self.minhashes,
                 "seed": self.memory.seed}
 
-    def parameter_count(self) -> int:
-        start, stop = self.memory.span(self.slot)
-        return stop - start
-
     def inference_bytes(self) -> int:
         return (self.parameter_count() * FLOAT32_BYTES
                 + lma_metadata_bytes(self.num_embeddings, self.dim, self.minhashes))
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
-        start, stop = self.memory.span(self.slot)
         return {
-            "memory": self.memory.weight()[start:stop],
+            "memory": self.memory_share(),
             "signatures": self.signatures,
             "coefficients": self.coefficients,
         }

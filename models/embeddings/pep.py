@@ -39,7 +39,7 @@ Here both ingredients are explicit:
   a usable gradient on ``s``.
 * The pressure is a schedule on the thresholds' scale: a table thresholds at
   ``threshold_scale * g(s)``, and the search multiplies the buffer ``threshold_scale`` by
-  ``exp(drift)`` after every step (``models/pep.py``). While ``g`` is small this is
+  ``exp(drift)`` after every step (``models/pep_search.py``). While ``g`` is small this is
   ``g(s + log scale)``, every ``s`` raised by ``drift`` logits per step as in the reference, but
   unlike an offset inside the sigmoid it is not capped at 1: our embeddings outgrow 1 (Frappe,
   ``embedding_lr`` 0.05: mean ``|v|`` 0.1 at the start, 0.3 after 100 steps, 1.1 after 1,500, the
@@ -93,15 +93,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import FLOAT32_BYTES, INIT_STD, INT64_BYTES, EmbeddingTable, sparse_table
+from .base import EmbeddingTable, sparse_table
+from .constants import FLOAT32_BYTES, INT64_BYTES
+from .scheme_settings import DEFAULT_THRESHOLD_INIT
 
 GRANULARITIES: tuple[str, ...] = (
     "global", "dimension", "field", "field_dimension", "feature", "feature_dimension",
 )
 #: Granularities whose one threshold is meant to be shared by every PEP table of a model.
 SHARED_GRANULARITIES: tuple[str, ...] = ("global", "dimension")
-#: ``s0`` with ``sigmoid(s0) = INIT_STD / 100``: a threshold far under the values' scale.
-DEFAULT_THRESHOLD_INIT = math.log((INIT_STD / 100) / (1 - INIT_STD / 100))
 INT32_BYTES = 4
 #: Rows handled at a time when a whole table is scanned (masks, counts, packing).
 SCAN_ROWS = 1 << 16
@@ -172,6 +172,8 @@ class PEPTable(EmbeddingTable):
     """
 
     scheme = "pep"
+    threshold_scale: torch.Tensor
+    mask_bits: torch.Tensor
 
     def __init__(self, num_embeddings: int, dim: int, granularity: str = "field_dimension",
                  threshold_init: float = DEFAULT_THRESHOLD_INIT,

@@ -23,18 +23,12 @@ kind)``, which is how a checkpoint is reloaded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
 import torch
 
-from .base import FLOAT32_BYTES, EmbeddingTable
+from .base import EmbeddingTable
+from .constants import FLOAT32_BYTES
 from .full import FullTable
 
-if TYPE_CHECKING:
-    from ..dlrm import CTRModel
-    from . import EmbeddingConfig
-
-Kind = Literal["int8", "fp16"]
 KINDS: tuple[str, ...] = ("int8", "fp16")
 
 INT8_LEVELS = 255
@@ -42,6 +36,16 @@ UINT8_BYTES = 1
 FLOAT16_BYTES = 2
 #: Bytes of per-row metadata for int8: an fp32 scale and an fp32 offset.
 INT8_ROW_METADATA_BYTES = 2 * FLOAT32_BYTES
+
+
+def int8_bytes(rows: int, dim: int) -> int:
+    """Bytes of an int8 table: a uint8 code per value, an fp32 scale and offset per row."""
+    return rows * dim * UINT8_BYTES + rows * INT8_ROW_METADATA_BYTES
+
+
+def fp16_bytes(rows: int, dim: int) -> int:
+    """Bytes of an fp16 table."""
+    return rows * dim * FLOAT16_BYTES
 
 
 def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,10 +68,16 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor,
 class QuantizedTable(EmbeddingTable):
     """A table of quantized rows, reported as scheme ``int8`` or ``fp16``.
 
-    Built empty (all zeros); fill it with ``quantize_table`` or ``load_state_dict``.
+    Built empty (all zeros); fill it with ``quantize_table`` or ``load_state_dict``. Its buffers
+    are ``codes``, ``scale`` and ``offset`` (int8) or ``weight`` (fp16).
     """
 
-    def __init__(self, num_embeddings: int, dim: int, kind: Kind) -> None:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    weight: torch.Tensor
+
+    def __init__(self, num_embeddings: int, dim: int, kind: str) -> None:
         super().__init__(num_embeddings, dim)
         if kind not in KINDS:
             raise ValueError(f"quantization kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -92,10 +102,9 @@ class QuantizedTable(EmbeddingTable):
         return self.num_embeddings * self.dim
 
     def inference_bytes(self) -> int:
-        values = self.num_embeddings * self.dim
         if self.scheme == "int8":
-            return values * UINT8_BYTES + self.num_embeddings * INT8_ROW_METADATA_BYTES
-        return values * FLOAT16_BYTES
+            return int8_bytes(self.num_embeddings, self.dim)
+        return fp16_bytes(self.num_embeddings, self.dim)
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
         if self.scheme == "int8":
@@ -103,7 +112,7 @@ class QuantizedTable(EmbeddingTable):
         return {"weight": self.weight}
 
 
-def quantize_table(table: EmbeddingTable, kind: Kind) -> QuantizedTable:
+def quantize_table(table: EmbeddingTable, kind: str) -> QuantizedTable:
     """Quantizes a trained ``FullTable``; the result lives on the table's device.
 
     Only full tables are accepted: materialising a hashed or compositional table into ``n``
@@ -127,19 +136,3 @@ def quantize_table(table: EmbeddingTable, kind: Kind) -> QuantizedTable:
         quantized.weight.copy_(weight)
     return quantized
 
-
-def quantize_model(model: CTRModel, config: EmbeddingConfig) -> list[str]:
-    """Replaces, in place, every full table whose configured scheme is ``int8`` or ``fp16`` (and
-    which has at least that scheme's ``min_rows`` rows) by its quantized copy.
-
-    Returns the names of the tables replaced.
-    """
-    replaced = []
-    for index, name in enumerate(model.table_names):
-        scheme = config.for_table(name)
-        table = model.tables[index]
-        if scheme.scheme in KINDS and isinstance(table, FullTable) \
-                and table.num_embeddings >= scheme.min_rows:
-            model.tables[index] = quantize_table(table, scheme.scheme)
-            replaced.append(name)
-    return replaced

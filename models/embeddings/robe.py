@@ -24,8 +24,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .base import FLOAT32_BYTES, INT64_BYTES, EmbeddingTable
-from .shared_memory import PRIME, SharedMemory, max_compression, memory_size_for
+from .constants import FLOAT32_BYTES, INT64_BYTES
+from .shared_memory import (
+    PRIME,
+    SharedMemory,
+    SharedMemoryTable,
+    max_compression,
+    memory_size_for,
+)
 
 #: Ids are hashed as three digits in this base.
 DIGIT_BASE = 2**21
@@ -80,18 +86,26 @@ def robe_memory_size(table_sizes: Sequence[int], dim: int, block: int,
     return memory_size_for(full, metadata, compression, "the ROBE hash coefficients")
 
 
-class RobeTable(EmbeddingTable):
+def robe_bytes(table_sizes: Sequence[int], dim: int, block: int, compression: float) -> int:
+    """Bytes of ROBE tables of these sizes sharing one memory: the memory, and each table's hash
+    coefficients and block size (its ``inference_bytes`` hold its share of the memory)."""
+    memory = robe_memory_size(table_sizes, dim, block, compression)
+    return memory * FLOAT32_BYTES + len(table_sizes) * robe_metadata_bytes(dim, block)
+
+
+class RobeTable(SharedMemoryTable):
     """A ROBE-Z table reading ``memory`` in blocks of ``block`` (Z) consecutive values."""
 
     scheme = "robe"
+    coefficients: torch.Tensor
+    block_of_coordinate: torch.Tensor
+    offset_of_coordinate: torch.Tensor
 
     def __init__(self, num_embeddings: int, dim: int, memory: SharedMemory, block: int) -> None:
-        super().__init__(num_embeddings, dim)
         if block < 1:
             raise ValueError(f"ROBE blocks need at least one value, got Z = {block}")
-        self.memory = memory
+        super().__init__(num_embeddings, dim, memory)
         self.block = block
-        self.slot = memory.attach(self.full_bytes())
         blocks = math.ceil(dim / block)
         self.register_buffer(
             "coefficients", torch.from_numpy(robe_coefficients(memory.seed, self.slot, blocks))
@@ -113,18 +127,13 @@ class RobeTable(EmbeddingTable):
     def settings(self) -> dict:
         return {"memory_size": self.memory.size, "block": self.block, "seed": self.memory.seed}
 
-    def parameter_count(self) -> int:
-        start, stop = self.memory.span(self.slot)
-        return stop - start
-
     def inference_bytes(self) -> int:
         return (self.parameter_count() * FLOAT32_BYTES
                 + robe_metadata_bytes(self.dim, self.block))
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
-        start, stop = self.memory.span(self.slot)
         return {
-            "memory": self.memory.weight()[start:stop],
+            "memory": self.memory_share(),
             "coefficients": self.coefficients,
             "block": torch.tensor([self.block], dtype=torch.int64),
         }

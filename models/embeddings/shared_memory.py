@@ -4,12 +4,13 @@ The shared-memory schemes (``lma``, ``robe``) give no table rows of its own: eve
 every embedding is one value ``M[location]`` of a flat array ``M`` that all tables of a model
 using the scheme share, so the budget is ``|M|`` values whatever the tables' sizes.
 
-``M`` is held by a ``SharedMemory`` module that every sharing table registers as a submodule:
-PyTorch deduplicates shared submodules in ``parameters()``, ``modules()`` and ``.to()``, so the
-array is trained and moved once. (``state_dict`` lists it under each table; the entries are the
-same tensor, ``torch.save`` stores it once and loading writes the same values into it.) ``M`` is an
-``nn.Embedding(|M|, 1, sparse=True)``, so lookups give sparse gradients, ``torch.optim.SparseAdam``
-updates only touched values, and the trainer's optimiser split picks it up like any sparse table.
+``M`` is held by a ``SharedMemory`` module that every sharing table (a ``SharedMemoryTable``)
+registers as a submodule: PyTorch deduplicates shared submodules in ``parameters()``,
+``modules()`` and ``.to()``, so the array is trained and moved once. (``state_dict`` lists it
+under each table; the entries are the same tensor, ``torch.save`` stores it once and loading
+writes the same values into it.) ``M`` is an ``nn.Embedding(|M|, 1, sparse=True)``, so lookups
+give sparse gradients, ``torch.optim.SparseAdam`` updates only touched values, and the trainer's
+optimiser split picks it up like any sparse table.
 
 Byte accounting: ``inference_bytes`` of each table must add up to the model's exact total, and
 ``inference_tensors`` of each table must hold exactly the bytes it claims. So ``M`` is split
@@ -33,7 +34,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from .base import FLOAT32_BYTES, INIT_STD, sparse_table
+from .base import EmbeddingTable, sparse_table
+from .constants import FLOAT32_BYTES, INIT_STD
 
 #: The modulus of every location hash: a prime below 2**31.
 PRIME = 2**31 - 1
@@ -82,6 +84,25 @@ class SharedMemory(nn.Module):
     def weight(self) -> torch.Tensor:
         """``M`` as a flat fp32 tensor (detached)."""
         return self.values.weight.detach().view(-1)
+
+
+class SharedMemoryTable(EmbeddingTable):
+    """A table whose every value is one of ``memory``'s. It is attributed the slice of ``M`` in
+    its slot, which it counts as its parameters and reports as its ``memory`` tensor."""
+
+    def __init__(self, num_embeddings: int, dim: int, memory: SharedMemory) -> None:
+        super().__init__(num_embeddings, dim)
+        self.memory = memory
+        self.slot = memory.attach(self.full_bytes())
+
+    def parameter_count(self) -> int:
+        start, stop = self.memory.span(self.slot)
+        return stop - start
+
+    def memory_share(self) -> torch.Tensor:
+        """This table's slice of ``M`` (a view)."""
+        start, stop = self.memory.span(self.slot)
+        return self.memory.weight()[start:stop]
 
 
 def max_compression(full_bytes: int, metadata_bytes: int) -> float:

@@ -6,7 +6,8 @@
    of their full count, the masks ``|v| > scale * g(s)`` of that moment are the result.
 2. ``rewind``: back to the snapshot (every weight of the model, not only the tables), then
    ``apply_masks``: masked values are zero and never updated.
-3. Train normally (``models/train.py``), e.g. ``fit``'s loop.
+3. Train normally (``models/train.py``), e.g. ``fit``'s loop, which runs these steps for a
+   model with PEP tables (``train.search_pep_mask``).
 
 ``compression_report`` gives what the paper counts (non-zero values) and the real serving bytes.
 """
@@ -22,7 +23,7 @@ import torch
 
 from .dlrm import CTRModel
 from .embeddings.pep import PEPTable, share_thresholds
-from .train import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer
 from .transform import TransformedBatch
 
 
@@ -62,8 +63,8 @@ class SearchResult:
 
 def pep_tables(model: CTRModel) -> dict[str, PEPTable]:
     """The PEP tables of ``model`` by table name."""
-    return {name: table for name, table in zip(model.table_names, model.tables, strict=True)
-            if isinstance(table, PEPTable)}
+    tables = zip(model.table_names, model.embedding_tables(), strict=True)
+    return {name: table for name, table in tables if isinstance(table, PEPTable)}
 
 
 def nonzero_count(model: CTRModel) -> tuple[int, int]:
@@ -71,8 +72,8 @@ def nonzero_count(model: CTRModel) -> tuple[int, int]:
 
     Tables of other schemes count their ``parameter_count``, which the search does not change.
     """
-    return (sum(t.parameter_count() for t in model.tables),
-            sum(t.num_embeddings * t.dim for t in model.tables))
+    tables = model.embedding_tables()
+    return (sum(t.parameter_count() for t in tables), sum(t.num_embeddings * t.dim for t in tables))
 
 
 def shuffled_batches(trainer: Trainer, batches: Callable[[], Iterable[TransformedBatch]]
@@ -82,11 +83,12 @@ def shuffled_batches(trainer: Trainer, batches: Callable[[], Iterable[Transforme
     while True:
         empty = True
         for chunk in batches():
+            labels = chunk.training_labels()
             order = trainer.rng.permutation(len(chunk))
             for start in range(0, len(order), size):
                 index = order[start:start + size]
                 empty = False
-                yield chunk.dense[index], chunk.sparse[index], chunk.labels[index]
+                yield chunk.dense[index], chunk.sparse[index], labels[index]
         if empty:
             raise ValueError("batches() gave no training rows")
 
@@ -154,7 +156,8 @@ def rewind(model: CTRModel, result: SearchResult) -> None:
 def compression_report(model: CTRModel) -> dict:
     """Values (non-zero ones, for PEP: what the paper counts) and serving bytes of all tables."""
     nonzeros, full = nonzero_count(model)
-    stored = sum(t.inference_bytes() for t in model.tables)
-    full_bytes = sum(t.full_bytes() for t in model.tables)
+    tables = model.embedding_tables()
+    stored = sum(t.inference_bytes() for t in tables)
+    full_bytes = sum(t.full_bytes() for t in tables)
     return {"nonzeros": nonzeros, "full_values": full, "kept_fraction": nonzeros / full,
             "bytes": stored, "full_bytes": full_bytes, "ratio": full_bytes / stored}

@@ -1,4 +1,4 @@
-"""Plain-text tables for the command line."""
+"""Plain-text tables and metric lines for the command line."""
 
 from __future__ import annotations
 

@@ -1,0 +1,17 @@
+"""JSON responses, and the ``{"error": ...}`` body every route answers a failure with."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi.responses import Response
+
+
+def json_response(content: object, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    """``content`` as JSON; numpy arrays and scalars are written as JSON numbers."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status,
+                    headers=headers, media_type="application/json")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": message}, status, headers)
