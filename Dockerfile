@@ -66,8 +66,11 @@ ENV CTRSERVE_REPO=/models \
     CTRSERVE_PORT=8000
 VOLUME ["/models"]
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/live' % os.environ.get('CTRSERVE_PORT', '8000'), timeout=2)"]
+# Healthy means ready, not merely live: every model the replica is to serve is loaded (a 503
+# from /v2/health/ready raises, and the check fails). docker compose starts the balancer once
+# the replicas are healthy. The start period covers loading large models.
+HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('CTRSERVE_PORT', '8000'), timeout=2)"]
 USER 10001:10001
 WORKDIR /home/ctrserve
 CMD ["ctrserve", "serve"]

@@ -177,8 +177,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
+    elif result["labeled"]:
         print_metrics(f"{result['part']} ({result['rows']:,} rows)", result)
+    else:
+        written = f"; predictions written to {args.predictions}" if args.predictions else ""
+        print(f"{result['part']} ({result['rows']:,} rows): the data has no labels, so no "
+              f"metrics{written}")
     return 0
 
 

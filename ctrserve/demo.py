@@ -119,12 +119,15 @@ def build_rank_package(root: Path, rows: int, epochs: int) -> Path:
                  TrainConfig(epochs=epochs, batch_size=512, progress=False), TransformConfig(),
                  str(root / "rank-checkpoint"))
     print(f"ranking model: test AUC {result['metrics']['test']['auc']:.4f}")
-    package = export_checkpoint(root / "rank-checkpoint", root / "repo", RANK_NAME,
-                                version=DEMO_VERSION, overwrite=True, log=lambda _: None)
+    # The view and its tables first: a server polling the repository may load the package the
+    # moment the export renames it into place.
+    model_directory = root / "repo" / RANK_NAME
+    model_directory.mkdir(parents=True, exist_ok=True)
     for table in ("users.parquet", "items.parquet"):
-        shutil.copy(data_dir / table, package.parent / table)
-    (package.parent / "feature_view.json").write_text(json.dumps(RANK_VIEW, indent=2) + "\n")
-    return package
+        shutil.copy(data_dir / table, model_directory / table)
+    (model_directory / "feature_view.json").write_text(json.dumps(RANK_VIEW, indent=2) + "\n")
+    return export_checkpoint(root / "rank-checkpoint", root / "repo", RANK_NAME,
+                             version=DEMO_VERSION, overwrite=True, log=lambda _: None)
 
 
 def _package_ready(package: Path) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -40,6 +42,14 @@ def print_tables(tables: list[dict]) -> None:
 
 
 def print_metrics(title: str, metrics: dict) -> None:
-    print(f"{title}: AUC {metrics['auc']:.4f}  logloss {metrics['logloss']:.4f}  "
-          f"NE {metrics['ne']:.4f}  calibration {metrics['calibration']:.3f}  "
+    """One line of metrics; one the labels leave undefined (None or NaN) reads, for example,
+    "undefined (no positive labels)"."""
+    def shown(name: str, digits: int) -> str:
+        value = metrics[name]
+        if value is None or math.isnan(value):
+            return f"undefined ({metrics['undefined']})"
+        return f"{value:.{digits}f}"
+
+    print(f"{title}: AUC {shown('auc', 4)}  logloss {shown('logloss', 4)}  "
+          f"NE {shown('ne', 4)}  calibration {shown('calibration', 3)}  "
           f"rows {metrics['rows']:,}")

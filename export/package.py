@@ -10,8 +10,10 @@ integers). A package directory holds:
   sha256 of every other file.
 
 This module reads and verifies packages with numpy and the standard library only: the server
-imports it, and it must not pull in torch or onnx. Directories whose names are not integers
-(the exporter's hidden staging directories among them) are not versions.
+imports it, and it must not pull in torch or onnx. The server reads a repository's versions with
+``load_version``, which also refuses a package whose manifest names another model or version
+than its directory. Directories whose names are not integers (the exporter's hidden staging
+directories among them) are not versions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -129,6 +132,43 @@ def load_package(directory: str | Path, verify: bool = True) -> Package:
     return Package(directory, manifest)
 
 
+def load_version(repo: str | Path, name: str, version: int, verify: bool = True) -> Package:
+    """The package ``repo/name/version``, refused when its manifest names another model or
+    version (a version directory copied under a new number, say): served, it would answer
+    under numbers that are not the ones the repository shows, and every scan for a newer
+    version would load it again. Every problem found is named, damaged files included."""
+    directory = Path(repo) / name / str(version)
+    manifest = read_manifest(directory)
+    problems = []
+    claimed = (manifest["name"], manifest["version"])
+    if claimed != (name, version):
+        problems.append(f"the manifest says model {claimed[0]!r} version {claimed[1]!r}, the "
+                        f"directory is model {name!r} version {version} (copied from another "
+                        "version? export it again to this number)")
+    if verify and (damaged := file_problems(directory, manifest)):
+        problems.append("damaged package: " + "; ".join(damaged))
+    if problems:
+        raise PackageError(f"{directory}: " + "; ".join(problems))
+    return Package(directory, manifest)
+
+
+def files_fingerprint(directory: str | Path) -> tuple[tuple[str, int, int], ...]:
+    """Relative path, size and modification time of every file under ``directory``: it changes
+    whenever a file is written, replaced or removed (no hashing: cheap enough to take on every
+    repository scan)."""
+    directory = Path(directory)
+    entries = []
+    for path in sorted(directory.rglob("*")):
+        try:
+            status = path.stat()
+        except OSError:  # removed while we walked: the next scan sees the change
+            continue
+        if S_ISREG(status.st_mode):
+            entries.append((path.relative_to(directory).as_posix(), status.st_size,
+                            status.st_mtime_ns))
+    return tuple(entries)
+
+
 def versions(model_directory: str | Path) -> list[int]:
     """The integer version directories of one model in a repository, ascending."""
     model_directory = Path(model_directory)
@@ -139,6 +179,14 @@ def versions(model_directory: str | Path) -> list[int]:
         if child.is_dir() and child.name.isascii() and child.name.isdigit()
         and int(child.name) > 0
     )
+
+
+def models_on_disk(repo: str | Path, names: list[str]) -> list[str]:
+    """Those of ``names`` (every model of the repository when empty) that have a version in
+    ``repo``."""
+    if not names:
+        return model_names(repo)
+    return [name for name in names if valid_model_name(name) and versions(Path(repo) / name)]
 
 
 def model_names(repo: str | Path) -> list[str]:

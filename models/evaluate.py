@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ def evaluate(checkpoint_dir: str | Path, data: DataConfig | None = None, part: s
     """Metrics of the checkpoint over the whole ``part`` (its own data set unless ``data``).
 
     With ``predictions_path`` the probabilities are also written, one per line, in row order.
+    ``labeled`` says whether the data had labels; only then are the metrics there (None for a
+    metric the labels leave undefined, with ``undefined`` saying why).
     """
     checkpoint = load_checkpoint(checkpoint_dir)
     data = data or DataConfig.from_dict(checkpoint.config["data"])
@@ -27,7 +30,12 @@ def evaluate(checkpoint_dir: str | Path, data: DataConfig | None = None, part: s
     )
     if predictions_path is not None:
         np.savetxt(predictions_path, probabilities, fmt="%.8f")
-    result: dict = {"part": part, "rows": len(probabilities), "data": data.to_dict()}
+    result: dict = {"part": part, "rows": len(probabilities), "data": data.to_dict(),
+                    "labeled": len(labels) > 0,
+                    "predictions": str(predictions_path) if predictions_path else None}
     if len(labels):
-        result.update(evaluation_metrics.summary(labels, probabilities))
+        # An undefined metric is None (JSON has no NaN).
+        result.update({name: None if isinstance(value, float) and math.isnan(value) else value
+                       for name, value in evaluation_metrics.summary(labels,
+                                                                     probabilities).items()})
     return result

@@ -34,8 +34,11 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def normalized_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Log loss over the entropy of the observed CTR (He et al., 2014); below 1 beats a constant."""
-    ctr = float(np.clip(np.mean(labels), _EPS, 1 - _EPS))
+    """Log loss over the entropy of the observed CTR (He et al., 2014); below 1 beats a constant.
+    NaN when the labels are all one class: that entropy is 0."""
+    ctr = float(np.mean(labels))
+    if ctr in (0.0, 1.0):
+        return float("nan")
     background = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
     return log_loss(labels, probabilities) / background
 
@@ -46,7 +49,20 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(probabilities)) / observed if observed > 0 else float("nan")
 
 
-def summary(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+def undefined_because(labels: np.ndarray) -> str | None:
+    """Why AUC, NE (and without positives calibration) are undefined on ``labels``; None when
+    both classes are there."""
+    positives = int(np.count_nonzero(np.asarray(labels) > 0.5))
+    if positives == 0:
+        return "no positive labels"
+    if positives == len(labels):
+        return "no negative labels"
+    return None
+
+
+def summary(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """The metrics of one split: NaN for a metric the labels leave undefined, and ``undefined``
+    saying why (None when every metric is defined)."""
     return {
         "rows": len(labels),
         "auc": roc_auc(labels, probabilities),
@@ -54,4 +70,5 @@ def summary(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
         "ne": normalized_entropy(labels, probabilities),
         "calibration": calibration(labels, probabilities),
         "ctr": float(np.mean(labels)),
+        "undefined": undefined_because(labels),
     }

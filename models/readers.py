@@ -447,11 +447,14 @@ def _flag_failures(values: pa.Array, to: pa.DataType, offset: int, failed: np.nd
 
 
 def _categorical(values: pa.Array, kind: str) -> np.ndarray:
-    """int64 for an ``int`` column (a masked array where values are missing), else object
-    str / None. Integers never go through Python objects: that is 50x slower at scale."""
-    if kind == "int":
+    """int64 for an ``int`` column, uint64 for a ``hex`` column stored as integers (the numbers
+    themselves, as the transform reads integers there), a masked array where values are missing;
+    else object str / None. Integers never go through Python objects: that is 50x slower at
+    scale."""
+    hex_numbers = kind == "hex" and pa.types.is_integer(values.type)
+    if kind == "int" or hex_numbers:
         try:
-            ints = pc.cast(values, pa.int64())
+            ints = pc.cast(values, pa.uint64() if hex_numbers else pa.int64())
         except pa.ArrowInvalid:
             ints = None  # not all integers: hand the text to the transform, which reports it
         if ints is not None:

@@ -13,18 +13,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
-from . import metrics
+from . import metrics, openapi
 from .dataplane import DataPlane
 from .errors import ServiceError
 from .feature_store import open_feature_store
-from .limits import BodyLimitMiddleware, RequestLedger
+from .limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestLedger
 from .ranking import Ranker
 from .repository import ModelRepository
 from .responses import error_response
-from .settings import ServiceSettings
+from .settings import LOG_FORMAT, ServiceSettings
 from .v1_endpoints import V1Endpoints
 from .v2_endpoints import V2Endpoints
 
@@ -38,11 +38,10 @@ class NoModelServed(RuntimeError):
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     repository = ModelRepository(settings)
     store = open_feature_store(settings.redis_url, settings.redis_namespace,
-                               settings.redis_timeout_ms)
+                               settings.redis_timeout_ms, settings.max_value_bytes)
     dataplane = DataPlane(repository, store, settings)
     ledger = RequestLedger()
 
@@ -74,10 +73,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.dataplane = dataplane
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s, ledger=ledger)
-    app.add_middleware(metrics.MetricsMiddleware, known_model=repository.known)
+    if settings.max_concurrency:  # outside the body limit: refuses before reading the body
+        app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrency)
+    app.add_middleware(metrics.MetricsMiddleware, known_model=repository.known,
+                       routes=app.router.routes)
 
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, error: ServiceError) -> Response:
+    async def service_error(request: Request, error: ServiceError) -> Response:
+        if error.reason is not None:
+            request.scope[metrics.REFUSAL_REASON] = error.reason
         return error_response(error.status, error.message, error.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -88,20 +92,22 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> Response:
-        return error_response(error.status_code, str(error.detail))
+        return error_response(error.status_code, str(error.detail), error.headers)  # 405: Allow
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> Response:
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(error).__name__}")
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of every worker")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of every worker",
+             response_class=PlainTextResponse, responses=openapi.answers(None, 503))
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     app.include_router(V1Endpoints(dataplane, Ranker(dataplane)).router())
     app.include_router(V2Endpoints(dataplane).router())
+    openapi.install(app, admin_token=bool(settings.admin_token))
     return app
 
 

@@ -5,7 +5,8 @@ Requests queue their rows; one loop takes queued rows into a batch of at most
 more to come, and runs the batch (feature transform once for all its rows, then one session run)
 on the model's inference thread while the event loop goes on parsing requests. A request larger
 than a batch is split into pieces and reassembled; every request gets exactly its own rows back,
-in order. The queue is bounded in rows: beyond ``max_queue_rows`` a request is refused at once.
+in order. The queue is bounded in rows: beyond ``max_queue_rows`` a request is refused at once,
+503 while the rows waiting make it so, 413 when the request alone is larger than the queue.
 
 One batch runs at a time per model: while it runs the queue fills, so the next batch is as large
 as the load makes it, with no added wait when the load is light.
@@ -22,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.ma import MaskedArray, getmaskarray
 
-from ctrserve.models.keys import InvalidValueError
+from ctrserve.models.keys import InvalidValueError, shown
 from ctrserve.models.schema import RawBatch
 
-from .errors import BadRequest, QueueFull, RequestTimeout, Unavailable
+from .errors import BadRequest, PayloadTooLarge, QueueFull, RequestTimeout, Unavailable
 from .features import Features, ModelTensors, RawColumns
 from .metrics import BatchMetrics
 from .runtime import ModelRuntime
@@ -108,14 +109,15 @@ class Batcher:
     async def score(self, features: Features) -> np.ndarray:
         """Probabilities (float32 [rows]) for ``features``, in order."""
         if self._closed:
-            self.metrics.rejections["unavailable"].inc()
             raise Unavailable(f"model {self.runtime.name} version {self.runtime.version} is "
                               "being unloaded")
         if features.rows == 0:
             return np.zeros(0, np.float32)
+        if features.rows > self.config.max_queue_rows:  # it would wait for room forever
+            raise PayloadTooLarge(f"{features.rows:,} rows in one request; the queue of model "
+                                  f"{self.runtime.name} holds {self.config.max_queue_rows:,}")
         waiting = self._queued_rows + self._in_flight_rows
         if waiting + features.rows > self.config.max_queue_rows:
-            self.metrics.rejections["queue_full"].inc()
             raise QueueFull(f"model {self.runtime.name}: {waiting:,} rows are waiting, the queue "
                             f"holds {self.config.max_queue_rows:,}; retry shortly")
         loop = asyncio.get_running_loop()
@@ -140,7 +142,6 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout)
         except TimeoutError:
             request.cancelled = True
-            self.metrics.rejections["timeout"].inc()
             raise RequestTimeout(f"model {self.runtime.name}: no result within "
                                  f"{self.config.timeout_ms} ms") from None
 
@@ -244,8 +245,8 @@ class Batcher:
                 piece, row = _locate([p for p in live if isinstance(p.features, RawColumns)],
                                       error.row)
                 failures[piece.request] = BadRequest(
-                    f"column {error.column!r}, row {piece.offset + row}: {error.value!r} is not "
-                    f"{error.expected}"
+                    f"column {error.column!r}, row {piece.offset + row}: {shown(error.value)} is "
+                    f"not {error.expected}"
                 )
         transformed = time.perf_counter()
         probabilities = self.runtime.predict(dense, sparse)

@@ -14,6 +14,8 @@ the same on every route (``docs/architecture.md`` has it as a table):
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .errors import NotFound, Unavailable
@@ -21,6 +23,8 @@ from .feature_store import FeatureStore
 from .features import Features
 from .repository import ModelRepository, ModelState, ServedModel
 from .settings import ServiceSettings
+
+log = logging.getLogger("ctrserve.dataplane")
 
 
 def version_number(value: object) -> int:
@@ -43,6 +47,8 @@ class DataPlane:
         self.repository = repository
         self.store = store
         self.settings = settings
+        #: The last readiness answered: None (ready), a reason, or "" before the first probe.
+        self._readiness: str | None = ""
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
         """The served version of ``name`` (which must be ``version`` when one is given), or the
@@ -72,16 +78,31 @@ class DataPlane:
         return await served.batcher.score(features)
 
     async def not_ready(self) -> str | None:
-        """Why the server is not ready to score (None when it is): every model it should serve
-        served (the named ones, else every model of the repository, at least one), and the
-        feature store answering when it is required."""
-        wanted = self.settings.models or self.repository.names_on_disk()
+        """Why the server is not ready to score (None when it is): at least one model served,
+        every model it is expected to serve served (the named ones, else every model of the
+        repository, less those unloaded and plus those loaded through the repository routes:
+        ``ModelRepository.expected``), and the feature store answering when it is required.
+        A change of readiness or of its reason is logged once, not at every probe."""
+        reason = await self._why_not_ready()
+        if reason != self._readiness:
+            if reason is None:
+                log.info("ready: serving %s", ", ".join(
+                    f"{name} version {served.version}"
+                    for name, served in sorted(self.repository.served().items())))
+            else:
+                log.warning("not ready: %s", reason)
+            self._readiness = reason
+        return reason
+
+    async def _why_not_ready(self) -> str | None:
         served = self.repository.served()
         if not served:
             return f"no model is served from {self.repository.root}"
-        missing = [name for name in wanted if name not in served]
+        missing = [name for name in self.repository.expected() if name not in served]
         if missing:
-            return f"models not loaded: {', '.join(missing)}"
+            return "models not loaded: " + "; ".join(
+                f"{name} ({self.repository.state(name).reason or 'not loaded yet'})"
+                for name in missing)
         if self.settings.redis_required and not await self.store.ping():
             return "the feature store (Redis) does not answer"
         return None

@@ -2,12 +2,18 @@
 
 Key layout: ``<namespace>:<entity>:<id>`` (namespace ``ctrserve`` by default) holds a hash of raw
 column name -> raw value as text, exactly the values the training data had, so the package's
-own transform applies at serving as in training. A missing field is a missing value.
+own transform applies at serving as in training. A missing field is a missing value. A value
+read back is refused (400, naming the entity, its id and the column) when it is longer than
+``max_value_bytes`` (before it is decoded) or not UTF-8; dense and integer values that do not
+parse stay text, which the request's checks report with their column and row.
 
 Redis: all entity reads of one request go out as one pipeline of ``HMGET`` (one round trip),
 bounded by ``timeout_ms``. After a failure the store backs off (50 ms doubling to 2 s) and
 requests fail at once with 503 until the next attempt; the client's connection pool reconnects
-on that attempt.
+on that attempt. Each failed read counts in ``ctrserve_feature_store_errors_total`` by kind;
+each refused request, failed or refused during the backoff, is a ``FeatureStoreUnavailable``
+(``ctrserve_rejections_total{reason="feature_store"}``, counted with the request). An
+outage logs one warning when it begins and one when a read succeeds again (per worker).
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ from pathlib import Path
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ctrserve.models.keys import has_control_character, shown
 from ctrserve.models.transform import FeatureTransform
 
 from . import metrics
-from .errors import Unavailable
+from .errors import BadRequest, FeatureStoreUnavailable
 from .feature_view import FeatureView
+from .raw_values import TextLimit
 
 log = logging.getLogger("ctrserve.features")
 
@@ -75,20 +85,25 @@ class EmbeddedFeatureStore:
 
 
 class RedisFeatureStore:
-    def __init__(self, url: str, namespace: str, timeout_ms: int) -> None:
+    def __init__(self, url: str, namespace: str, timeout_ms: int, max_value_bytes: int) -> None:
         self.namespace = namespace
         self.timeout_s = timeout_ms / 1000
+        self.value_limit = TextLimit.of("string", max_value_bytes)
         self.client = aioredis.from_url(url, socket_timeout=self.timeout_s,
                                         socket_connect_timeout=self.timeout_s)
         self._retry_at = 0.0
         self._backoff = BACKOFF_START_S
+        self._outage = Outage()
+        for kind in metrics.FEATURE_STORE_ERROR_KINDS:  # at 0: the first failure is an increase
+            metrics.FEATURE_STORE_ERRORS.labels(kind)
 
     async def fetch(self, keys: Keys, view: FeatureView,
                     transform: FeatureTransform) -> Stored:
         now = time.monotonic()
         if now < self._retry_at:
-            raise Unavailable("the feature store (Redis) is unavailable; retrying in "
-                              f"{self._retry_at - now:.2f} s")
+            self._outage.refuse()
+            raise FeatureStoreUnavailable("the feature store (Redis) is unavailable; retrying "
+                                          f"in {self._retry_at - now:.2f} s")
         started = time.perf_counter()
         columns = [view.entities[entity].columns for entity, _ in keys]
         try:
@@ -98,12 +113,15 @@ class RedisFeatureStore:
                     pipeline.hmget(redis_key(self.namespace, entity, key), fields)
                 replies = await pipeline.execute()
         except (RedisError, OSError, TimeoutError) as error:
-            kind = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
+            kind = error_kind(error)
             metrics.FEATURE_STORE_ERRORS.labels(kind).inc()
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
-            raise Unavailable(f"the feature store (Redis) did not answer: {kind}") from None
+            self._outage.failed(now, f"{kind}: {error}")
+            raise FeatureStoreUnavailable("the feature store (Redis) did not answer: "
+                                          f"{kind}") from None
         self._backoff = BACKOFF_START_S
+        self._outage.answered(now)
         metrics.FEATURE_STORE_SECONDS.observe(time.perf_counter() - started)
         parse = _parsers(transform)
         stored: Stored = {}
@@ -112,11 +130,22 @@ class RedisFeatureStore:
                 stored[(entity, key)] = None
                 continue
             stored[(entity, key)] = {
-                field: parse[field](value.decode()) for field, value in zip(fields, values,
-                                                                           strict=True)
+                field: parse[field](self._text(entity, key, field, value))
+                for field, value in zip(fields, values, strict=True)
                 if value is not None
             }
         return stored
+
+    def _text(self, entity: str, key: str, field: str, value: bytes) -> str:
+        """A stored value as text, refused (400) past ``max_value_bytes`` before it is decoded,
+        or when it is not UTF-8."""
+        where = f"{entity} {shown(key)}, column {field!r}"
+        if len(value) > self.value_limit.limit:
+            raise self.value_limit.error(where, f"the stored value of {len(value):,} bytes")
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise BadRequest(f"{where}: the stored value is not UTF-8 text") from None
 
     async def ping(self) -> bool:
         try:
@@ -129,25 +158,79 @@ class RedisFeatureStore:
         await self.client.aclose()
 
 
+class Outage:
+    """Whether the feature store is down, as ranking requests find it: logs one line when it
+    goes down and one when it answers again, with how long it was down and the requests
+    refused meanwhile. A read issued before the last change (a slow reply that arrives after a
+    newer read's) does not change it back."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.recovered_at = 0.0
+        self.refused = 0
+
+    def failed(self, issued: float, why: str) -> None:
+        if self.since is None and issued >= self.recovered_at:
+            self.since = time.monotonic()
+            log.warning("feature store (Redis) outage: %s; ranking requests are refused (503) "
+                        "until it answers", why)
+        self.refuse()
+
+    def refuse(self) -> None:
+        """One more request refused during the outage (its read failed, or none was tried
+        during the backoff)."""
+        if self.since is not None:
+            self.refused += 1
+
+    def answered(self, issued: float) -> None:
+        if self.since is not None and issued >= self.since:
+            self.recovered_at = time.monotonic()
+            log.warning("feature store (Redis) recovered after %.1f s; %d ranking requests were "
+                        "refused meanwhile", self.recovered_at - self.since, self.refused)
+            self.since = None
+            self.refused = 0
+
+
+def error_kind(error: Exception) -> str:
+    """``ctrserve_feature_store_errors_total``'s kind of a failed read."""
+    if isinstance(error, TimeoutError | RedisTimeoutError):
+        return "timeout"
+    if isinstance(error, OSError | RedisConnectionError):
+        return "connection"
+    return "error"
+
+
 FeatureStore = EmbeddedFeatureStore | RedisFeatureStore
 
 
-def open_feature_store(url: str, namespace: str, timeout_ms: int) -> FeatureStore:
+def open_feature_store(url: str, namespace: str, timeout_ms: int,
+                       max_value_bytes: int) -> FeatureStore:
     """Redis at ``url``, or the embedded store when there is no URL."""
-    return RedisFeatureStore(url, namespace, timeout_ms) if url else EmbeddedFeatureStore()
+    if not url:
+        return EmbeddedFeatureStore()
+    return RedisFeatureStore(url, namespace, timeout_ms, max_value_bytes)
 
 
 def _parsers(transform: FeatureTransform) -> dict:
-    """Text from Redis back to the raw value's type: numbers for dense and integer columns."""
-    parsers: dict = {e.name: float for e in transform.dense}
+    """Text from Redis back to the raw value's type: numbers for dense and integer columns;
+    text that does not parse stays text, which the request's checks then report with its column
+    and row (``friendly.features_from_columns``)."""
+    parsers: dict = {e.name: _float_or_text for e in transform.dense}
     for encoder in transform.categorical:
         parsers[encoder.column.name] = _int_or_text if encoder.column.kind == "int" else str
     return parsers
 
 
+def _float_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _int_or_text(text: str) -> int | str:
-    """An integer column's value; text that is not an integer is left for the transform to
-    report."""
+    if has_control_character(text):  # int() would drop a newline around the digits
+        return text
     try:
         return int(text)
     except ValueError:

@@ -24,6 +24,9 @@ its own entities and optionally its own context values:
 
     {"entities": {"user": "u42"}, "context": {"hour": 14},
      "candidates": [{"item": "i7"}, {"item": "i9", "hour": 15}]}
+
+An entity id is a string of at most ``max_value_bytes`` UTF-8 bytes, or an integer; context
+values follow the friendly API's rules for their columns (``friendly.py``).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctrserve.models.keys import shown
 from ctrserve.models.transform import FeatureTransform
 
 from .errors import BadRequest, PayloadTooLarge
+from .raw_values import TextLimit
 
 VIEW_FILE = "feature_view.json"
 
@@ -78,10 +83,10 @@ def load_view(model_directory: Path, transform: FeatureTransform) -> FeatureView
     return view
 
 
-def entity_keys(payload: object, view: FeatureView,
-                max_rows: int) -> tuple[dict[str, str], list[dict], dict]:
-    """Checks a ranking request; returns its request-level entity ids, candidates and
-    context."""
+def entity_keys(payload: object, view: FeatureView, max_rows: int,
+                max_value_bytes: int) -> tuple[dict[str, str], list[dict], dict]:
+    """Checks a ranking request's shape and entity ids (its context values are checked as the
+    friendly API's are); returns its request-level entity ids, candidates and context."""
     if not isinstance(payload, dict) or not isinstance(payload.get("candidates"), list):
         raise BadRequest('a ranking request is an object with "candidates" (a list of objects), '
                          'and optionally "entities" and "context" (objects)')
@@ -92,33 +97,38 @@ def entity_keys(payload: object, view: FeatureView,
         raise BadRequest('"entities" and "context" must be objects')
     if len(candidates) > max_rows:
         raise PayloadTooLarge(f"{len(candidates):,} candidates; the limit is {max_rows:,}")
+    id_limit = TextLimit.of("string", max_value_bytes)
     for name, key in entities.items():
-        _check_entity(name, key, view, "entities")
+        _check_entity(name, key, view, "entities", id_limit)
     _check_context(context, view, "context")
     for index, candidate in enumerate(candidates):
         if not isinstance(candidate, dict):
             raise BadRequest(f"candidate {index}: expected an object")
         for name, value in candidate.items():
             if name in view.entities:
-                _check_entity(name, value, view, f"candidate {index}")
+                _check_entity(name, value, view, f"candidate {index}", id_limit)
             else:
                 _check_context({name: value}, view, f"candidate {index}")
     return entities, candidates, context
 
 
-def _check_entity(name: str, key: object, view: FeatureView, where: str) -> None:
+def _check_entity(name: str, key: object, view: FeatureView, where: str,
+                  id_limit: TextLimit) -> None:
     if name not in view.entities:
-        raise BadRequest(f"{where}: unknown entity {name!r} (the view has "
+        raise BadRequest(f"{where}: unknown entity {shown(name)} (the view has "
                          f"{', '.join(sorted(view.entities))})")
     if not isinstance(key, (str, int)) or isinstance(key, bool):
-        raise BadRequest(f"{where}: the {name} id must be a string or an integer, got {key!r}")
+        raise BadRequest(f"{where}: the {name} id must be a string or an integer, got "
+                         f"{shown(key)}")
+    if isinstance(key, str) and not id_limit.fits(key):
+        raise id_limit.error(f"{where}: the {name} id", shown(key))
 
 
 def _check_context(values: dict, view: FeatureView, where: str) -> None:
     for name in values:
         if name not in view.context:
-            raise BadRequest(f"{where}: {name!r} is neither an entity nor a context column of "
-                             "the feature view")
+            raise BadRequest(f"{where}: {shown(name)} is neither an entity nor a context "
+                             "column of the feature view")
 
 
 def assemble_rows(view: FeatureView, entities: dict[str, str], candidates: list[dict],

@@ -8,16 +8,27 @@ values combine: per process (``liveall``, a ``pid`` label), summed (``livesum``)
 (``livemax``, for "is served" flags and byte counts that every worker reports alike).
 
 Buckets: latencies from 100 us to 10 s (in-process inference of a small batch takes ~100 us,
-a queue-full overload seconds); rows per batch in powers of two from 1 to 65536.
+a queue-full overload seconds), with a bound at 60 ms, the serving goal's p99 (MLPerf DLRMv2's
+latency bound), so that the share of requests within it is read from one bucket; rows per batch
+in powers of two from 1 to 65536.
+
+Refusals: whatever refuses a request because of the service's state (a full queue, no result in
+time, a model not served, the feature store not answering, too many requests in flight) writes
+its reason into the request's scope under ``REFUSAL_REASON``; ``MetricsMiddleware`` counts it in
+``ctrserve_rejections_total`` beside the request's own count, with the same model label, so the
+two agree one to one. The batcher adds ``bad_value`` (a value the transform rejects, 400). Every
+label child that a dashboard or an alert takes a rate of is created at 0 when its model or store
+appears, so the first event shows as an increase.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from fastapi.routing import iter_route_contexts
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -28,17 +39,21 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from starlette.routing import BaseRoute, Match, Route
 
 from ctrserve.models.transform import MISSING_ID, OOV_ID
 
 from .settings import MULTIPROCESS_DIR
 
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                   0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.06, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = tuple(float(2**k) for k in range(17))
 
 REQUESTS = Counter("ctrserve_requests_total", "HTTP requests by model, route and status",
                    ["model", "route", "status"])
+IN_FLIGHT = Gauge("ctrserve_requests_in_flight",
+                  "HTTP requests received and not yet answered (the scrape itself left out)",
+                  multiprocess_mode="livesum")
 REQUEST_SECONDS = Histogram("ctrserve_request_seconds", "End-to-end request latency",
                             ["model", "route"], buckets=LATENCY_BUCKETS)
 QUEUE_SECONDS = Histogram("ctrserve_queue_wait_seconds",
@@ -54,6 +69,13 @@ QUEUE_ROWS = Gauge("ctrserve_queue_rows", "Rows waiting for a batch", ["model"],
                    multiprocess_mode="livesum")
 REJECTIONS = Counter("ctrserve_rejections_total", "Requests refused, by reason",
                      ["model", "reason"])
+#: ``ctrserve_rejections_total``'s reasons: the ``reason`` of the refusals in ``errors.py``,
+#: ``concurrency`` (``limits.ConcurrencyLimitMiddleware``) and ``bad_value`` (a raw value the
+#: feature transform rejects, counted by the batcher).
+REJECTION_REASONS = ("queue_full", "timeout", "bad_value", "unavailable", "feature_store",
+                     "concurrency")
+#: The key of the ASGI scope where a refusal leaves its reason for ``MetricsMiddleware``.
+REFUSAL_REASON = "ctrserve.refusal_reason"
 LOAD_SECONDS = Histogram("ctrserve_model_load_seconds", "Time to load and warm up a version",
                          ["model"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 LOAD_FAILURES = Counter("ctrserve_model_load_failures_total", "Versions that failed to load",
@@ -64,8 +86,8 @@ MODEL_ACTIVE = Gauge("ctrserve_model_active",
 EMBEDDING_BYTES = Gauge("ctrserve_embedding_bytes",
                         "Bytes a table needs at inference (everything counted)",
                         ["model", "version", "table", "scheme"], multiprocess_mode="livemax")
-EMBEDDING_BYTES_TOTAL = Gauge("ctrserve_embedding_bytes_total",
-                              "Bytes all tables of a model need at inference",
+MODEL_EMBEDDING_BYTES = Gauge("ctrserve_model_embedding_bytes",
+                              "Bytes all tables of a model version need at inference",
                               ["model", "version"], multiprocess_mode="livemax")
 FULL_EMBEDDING_BYTES = Gauge("ctrserve_full_embedding_bytes",
                              "Bytes the uncompressed fp32 tables would need",
@@ -136,12 +158,13 @@ def _gpu_memory() -> list[tuple[int, int, int]]:
 def model_loaded(name: str, version: int, provider: str, manifest: dict,
                  seconds: float) -> None:
     LOAD_SECONDS.labels(name).observe(seconds)
+    LOAD_FAILURES.labels(name)  # at 0: a later failed load shows as an increase
     MODEL_ACTIVE.labels(name, str(version), provider).set(1)
     for table in manifest["tables"]:
         EMBEDDING_BYTES.labels(name, str(version), table["table"], table["scheme"]).set(
             table["bytes"])
     sizes = manifest["bytes"]
-    EMBEDDING_BYTES_TOTAL.labels(name, str(version)).set(sizes["embeddings"])
+    MODEL_EMBEDDING_BYTES.labels(name, str(version)).set(sizes["embeddings"])
     FULL_EMBEDDING_BYTES.labels(name, str(version)).set(sizes["full_embeddings"])
     COMPRESSION_RATIO.labels(name, str(version)).set(
         sizes["full_embeddings"] / max(1, sizes["embeddings"]))
@@ -153,7 +176,7 @@ def model_released(name: str, version: int, provider: str, manifest: dict) -> No
     MODEL_ACTIVE.labels(name, str(version), provider).set(0)
     for table in manifest["tables"]:
         EMBEDDING_BYTES.labels(name, str(version), table["table"], table["scheme"]).set(0)
-    for gauge in (EMBEDDING_BYTES_TOTAL, FULL_EMBEDDING_BYTES, COMPRESSION_RATIO):
+    for gauge in (MODEL_EMBEDDING_BYTES, FULL_EMBEDDING_BYTES, COMPRESSION_RATIO):
         gauge.labels(name, str(version)).set(0)
 
 
@@ -173,8 +196,10 @@ class BatchMetrics:
         self.missing = [MISSING_VALUES.labels(name, c) for c in columns]
         self.oov = [OOV_VALUES.labels(name, c) for c in columns]
         self.dense_missing = [MISSING_VALUES.labels(name, c) for c in dense_columns]
+        #: Every reason's child, created at 0 so that a model's first refusal is an increase;
+        #: the batcher counts ``bad_value`` here, the app's error handler the refusals.
         self.rejections = {reason: REJECTIONS.labels(name, reason)
-                           for reason in ("queue_full", "timeout", "bad_value", "unavailable")}
+                           for reason in REJECTION_REASONS}
 
     def batch(self, rows: int, transform_seconds: float, compute_seconds: float,
               probabilities: np.ndarray) -> None:
@@ -201,24 +226,59 @@ class BatchMetrics:
                     self.dense_missing[index].inc(int(count))
 
 
-def route_label(scope: dict) -> str:
+def model_label(name: str, known_model: Callable[[str], bool]) -> str:
+    """The ``model`` label of a request for ``name``: the name where the repository has it, else
+    empty (a client's made-up names must not create series)."""
+    return name if name and known_model(name) else ""
+
+
+#: A route's template and its ``matches(scope)``.
+RouteMatcher = tuple[str, Callable[[dict], tuple[Match, dict]]]
+
+
+def route_matchers(routes: Sequence[BaseRoute]) -> list[RouteMatcher]:
+    """Each route of ``routes`` with its template. FastAPI keeps an included router as one entry
+    that matches without naming its route: its route contexts, one per route, name them."""
+    return [(context.path, context.matches) for context in iter_route_contexts(routes)
+            if context.path is not None]
+
+
+def matched_route(scope: dict, matchers: Sequence[RouteMatcher]) -> tuple[str, dict]:
+    """The route template of a request and its path parameters: those routing found, else (an
+    answer given before routing, such as the body limits' 413 and 408) those of the route the
+    path matches, a route of another method last; ``unmatched`` for a path no route has."""
     route = scope.get("route")
-    return getattr(route, "path", "unmatched")
+    if isinstance(route, Route):
+        return route.path, scope.get("path_params", {})
+    other_method = None
+    for path, matches in matchers:
+        match, child = matches(scope)
+        if match is Match.FULL:
+            return path, child.get("path_params", {})
+        if match is Match.PARTIAL and other_method is None:
+            other_method = (path, child.get("path_params", {}))
+    return other_method or ("unmatched", {})
 
 
 class MetricsMiddleware:
-    """Counts and times every HTTP request by model and route template, and tags each response
-    with the worker's PID (``x-worker-pid``).
+    """Counts and times every HTTP request by model and route template, counts the refusals
+    among them by the reason left in the scope (``REFUSAL_REASON``), tracks the requests in
+    flight, and tags each response with the worker's PID (``x-worker-pid``). The scrape of
+    ``/metrics`` itself is left out.
 
-    The model label is the name in the path only where ``known_model`` says the repository has
-    it, else empty: a client's made-up names must not create series. The labelled children are
-    kept (their number is bounded by models x routes x statuses): ``labels()`` per request was
-    a visible share of a single-row request's time.
+    The model label is ``model_label``'s. The labelled children are kept (their number is
+    bounded by models x routes x statuses): ``labels()`` per request was a visible share of a
+    single-row request's time.
     """
 
-    def __init__(self, app, known_model: Callable[[str], bool]) -> None:
+    def __init__(self, app, known_model: Callable[[str], bool],
+                 routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.known_model = known_model
+        #: The app's routes (the router's own list: routes added later are in it), and their
+        #: matchers once the first request needs them (every route is there by then).
+        self.routes = routes
+        self._matchers: list[RouteMatcher] | None = None
         self.pid_header = (b"x-worker-pid", str(os.getpid()).encode())
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -226,27 +286,37 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"] == "/metrics":
+            await self.app(scope, receive, self._tagged(send, [0]))
+            return
         started = time.perf_counter()
         status = [500]
+        IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, self._tagged(send, status))
+        finally:
+            IN_FLIGHT.dec()
+            if self._matchers is None:
+                self._matchers = route_matchers(self.routes)
+            route, path_params = matched_route(scope, self._matchers)
+            model = model_label(path_params.get("name", ""), self.known_model)
+            count, seconds = self._labelled(model, route, status[0])
+            count.inc()
+            seconds.observe(time.perf_counter() - started)
+            reason = scope.get(REFUSAL_REASON)
+            if reason is not None:
+                REJECTIONS.labels(model, reason).inc()
 
+    def _tagged(self, send, status: list[int]):
+        """``send`` that adds the PID header to the response and notes its status."""
         async def tagged_send(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message["headers"] = [*message.get("headers", ()), self.pid_header]
             await send(message)
+        return tagged_send
 
-        try:
-            await self.app(scope, receive, tagged_send)
-        finally:
-            route = route_label(scope)
-            if route != "/metrics":
-                count, seconds = self._labelled(scope, route, status[0])
-                count.inc()
-                seconds.observe(time.perf_counter() - started)
-
-    def _labelled(self, scope: dict, route: str, status: int) -> tuple[Counter, Histogram]:
-        name = scope.get("path_params", {}).get("name", "")
-        model = name if name and self.known_model(name) else ""
+    def _labelled(self, model: str, route: str, status: int) -> tuple[Counter, Histogram]:
         key = (model, route, status)
         children = self._children.get(key)
         if children is None:
@@ -260,7 +330,9 @@ FEATURE_STORE_SECONDS = Histogram("ctrserve_feature_store_seconds",
                                   "Feature store (Redis) time per ranking request",
                                   buckets=LATENCY_BUCKETS)
 FEATURE_STORE_ERRORS = Counter("ctrserve_feature_store_errors_total",
-                               "Feature store (Redis) failures, by kind", ["kind"])
+                               "Feature store (Redis) reads that failed, by kind", ["kind"])
+#: ``ctrserve_feature_store_errors_total``'s kinds.
+FEATURE_STORE_ERROR_KINDS = ("timeout", "connection", "error")
 MISSING_ENTITIES = Counter("ctrserve_missing_entities_total",
                            "Entity ids of ranking requests with no stored features",
                            ["model", "entity"])

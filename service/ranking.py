@@ -13,6 +13,7 @@ from .errors import NotFound, Unavailable
 from .feature_store import EmbeddedFeatureStore
 from .feature_view import FeatureView, assemble_rows, entity_keys, load_view
 from .friendly import features_from_columns, parse_json
+from .raw_values import json_values_bound
 from .repository import ServedModel
 
 log = logging.getLogger("ctrserve.ranking")
@@ -43,12 +44,14 @@ class Ranker:
         return view
 
     async def rank(self, name: str, body: bytes) -> dict:
-        payload = parse_json(body)
         served = self.dataplane.model(name)
-        view = self.view(served)
         transform = served.runtime.transform
-        entities, candidates, context = entity_keys(payload, view,
-                                                    self.dataplane.settings.max_request_rows)
+        settings = self.dataplane.settings
+        payload = parse_json(body, json_values_bound(settings.max_request_rows,
+                                                     len(transform.column_names)))
+        view = self.view(served)
+        entities, candidates, context = entity_keys(payload, view, settings.max_request_rows,
+                                                    settings.max_value_bytes)
         keys = list(dict.fromkeys(
             [(e, str(k)) for e, k in entities.items()]
             + [(e, str(k)) for c in candidates for e, k in c.items() if e in view.entities]
@@ -60,7 +63,8 @@ class Ranker:
         rows = assemble_rows(view, entities, candidates, context, stored)
         known = [e.name for e in transform.dense] + [e.column.name for e in transform.categorical]
         columns = {c: [row.get(c) for row in rows] for c in known}
-        features = features_from_columns(columns, len(rows), transform)
+        features = features_from_columns(columns, len(rows), transform,
+                                         settings.max_value_bytes)
         served = self.dataplane.model(name)  # the store answered: score on the current version
         probabilities = (await self.dataplane.score(served, features) if rows
                          else np.zeros(0, np.float32))

@@ -4,7 +4,12 @@ A model serves one version at a time: the one pinned (settings or an explicit lo
 highest on disk. A new version is loaded and warmed up off the event loop while the old one keeps
 serving; then requests switch to the new one and the old one drains its queue and running batch
 before it is released. A version that fails to load leaves the previous one serving and its
-reason is reported (log, repository index, model metadata).
+reason is reported (log, repository index, model metadata); scans (polling, the control record)
+do not try it again until its files change.
+
+The models a worker must serve to be ready (``expected()``) are the configured ones (the named
+models, else every model of the repository), plus those explicitly loaded and less those
+explicitly unloaded through the repository routes, as the control record says.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 
 from ctrserve.export.package import (
     PackageError,
-    load_package,
+    files_fingerprint,
+    load_version,
     model_names,
     valid_model_name,
     versions,
@@ -67,14 +73,19 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._control_generation = 0
-        #: The last version of each model that failed to load: polling does not retry it.
-        self._failed: dict[str, int] = {}
+        #: Explicit loads (True) and unloads (False) by model: the control record's, and this
+        #: worker's own from the moment it makes them.
+        self._decisions: dict[str, bool] = {}
+        #: The version of each model that last failed to load, with its files' fingerprint:
+        #: scans try it again only once the files differ.
+        self._failed: dict[str, tuple[int, tuple]] = {}
         self._batching = BatchingConfig(
             enabled=settings.batching, max_batch_rows=settings.max_batch_rows,
             max_queue_delay_us=settings.max_queue_delay_us,
             max_queue_rows=settings.max_queue_rows, timeout_ms=settings.request_timeout_ms,
         )
-        self._threads = cpu_threads(settings.workers, settings.intra_op_threads)
+        self._threads, source = cpu_threads(settings.workers, settings.intra_op_threads)
+        log.info("ONNX Runtime sessions run %d intra-op thread(s): %s", self._threads, source)
 
     # -- what is there ------------------------------------------------------------------------
 
@@ -98,6 +109,16 @@ class ModelRepository:
 
     def state(self, name: str) -> ModelState:
         return self._states.get(name) or ModelState(name)
+
+    def expected(self) -> list[str]:
+        """The models this worker must serve to be ready: the configured ones (the named
+        models, else every model of the repository) that were not explicitly unloaded, then
+        the others that were explicitly loaded."""
+        configured = self.settings.models or self.names_on_disk()
+        kept = [name for name in configured if self._decisions.get(name, True)]
+        added = sorted(name for name, loaded in self._decisions.items()
+                       if loaded and name not in configured)
+        return kept + added
 
     def index(self) -> list[dict]:
         names = sorted(set(self.names_on_disk()) | set(self._states))
@@ -144,17 +165,19 @@ class ModelRepository:
             if current is not None and current.version == version:
                 return current
             state = self._states.setdefault(name, ModelState(name))
-            directory = self.root / name / str(version)
+            # Taken before loading: files replaced during the load count as a change.
+            fingerprint = files_fingerprint(self.root / name / str(version))
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             try:
-                runtime = await loop.run_in_executor(self._loader, self._open, directory)
+                runtime = await loop.run_in_executor(self._loader, self._open, name, version)
             except (PackageError, ModelLoadError) as error:
                 metrics.LOAD_FAILURES.labels(name).inc()
-                self._failed[name] = version
+                self._failed[name] = (version, fingerprint)
                 state.reason = f"version {version} failed to load: {error}"
                 log.error("model %s: %s", name, state.reason)
                 raise BadRequest(f"model {name!r} {state.reason}") from None
+            self._failed.pop(name, None)
             served = ServedModel(runtime, Batcher(runtime, self._batching))
             self._served[name] = served
             state.state, state.version, state.reason = "READY", version, ""
@@ -173,8 +196,15 @@ class ModelRepository:
         metrics.model_released(runtime.name, runtime.version, runtime.provider,
                                runtime.package.manifest)
 
-    def _open(self, directory: Path) -> ModelRuntime:
-        return load_runtime(load_package(directory), self.settings.provider, self._threads)
+    def _open(self, name: str, version: int) -> ModelRuntime:
+        return load_runtime(load_version(self.root, name, version), self.settings.provider,
+                            self._threads)
+
+    def _failed_unchanged(self, name: str, version: int) -> bool:
+        """Whether ``version`` of ``name`` failed to load and its files are still the same."""
+        failed = self._failed.get(name)
+        return failed is not None and failed[0] == version and failed[1] == files_fingerprint(
+            self.root / name / str(version))
 
     async def unload(self, name: str) -> None:
         async with self._lock(name):
@@ -193,12 +223,21 @@ class ModelRepository:
         """Loads here, then records it for every worker; returns the served model and whether
         the record was written (False: Redis is away, it will be written when it is back)."""
         served = await self.load(name, version)
+        self._decisions[name] = True
         pinned = version is not None or name in self.settings.versions
         return served, await self._record(name, True, served.version if pinned else None)
 
     async def request_unload(self, name: str) -> bool:
+        if not (self.known(name) or self.on_disk(name)):
+            raise NotFound(f"unknown model {name!r}")
+        self._decisions[name] = False  # readiness stops expecting it before it goes
         await self.unload(name)
         return await self._record(name, False, None)
+
+    def _follow_decisions(self, record: ControlRecord) -> None:
+        """The record's explicit loads and unloads, with this worker's not yet recorded."""
+        self._decisions = {name: bool(wanted["loaded"]) for name, wanted in record.models.items()}
+        self._decisions.update({name: loaded for name, (loaded, _) in self._pending.items()})
 
     async def _record(self, name: str, loaded: bool, version: int | None) -> bool:
         self._pending[name] = (loaded, version)
@@ -227,6 +266,7 @@ class ModelRepository:
                       "models until it is back", error)
             record = ControlRecord()
         self._control_generation = record.generation
+        self._follow_decisions(record)
         names = self.settings.models or self.names_on_disk()
         kept_unloaded = []
         for name in names:
@@ -262,31 +302,40 @@ class ModelRepository:
             log.debug("control record unavailable: %s", error)
             return
         self._control_generation = record.generation
+        self._follow_decisions(record)
         for name, wanted in record.models.items():
             served = self._served.get(name)
             if not wanted["loaded"]:
                 if served is not None:
                     await self.unload(name)
                 continue
-            version = wanted["version"] or self._latest(name)
-            if version is None or self._failed.get(name) == version:
-                continue  # nothing on disk, or that version already failed here
+            version = self._target_version(name, wanted["version"])
+            if version is None or self._failed_unchanged(name, version):
+                continue  # nothing on disk, or that version failed here and is unchanged
             if served is None or version != served.version:
-                await self._try_load(name, wanted["version"])
+                await self._try_load(name, version)
 
     async def poll_new_versions(self) -> None:
-        """Loads a higher version of each served model whose version is not pinned (one scan)."""
+        """One scan of the repository: loads each expected model that is not served (one that
+        appeared on disk after the start, say) and a higher version of each served one whose
+        version is not pinned. A version that failed to load is not tried again until its
+        files change."""
         try:
-            record = await self.control.read()
+            recorded = (await self.control.read()).models
         except ControlUnavailable:
-            record = ControlRecord()
-        for name, served in list(self._served.items()):
-            pinned = (record.models.get(name, {}).get("version") is not None
-                      or name in self.settings.versions)
-            latest = self._latest(name)
-            if (not pinned and latest is not None and latest > served.version
-                    and self._failed.get(name) != latest):
-                await self._try_load(name, None)
+            recorded = {}
+        for name in self.expected():
+            version = self._target_version(name, recorded.get(name, {}).get("version"))
+            if version is None or self._failed_unchanged(name, version):
+                continue
+            served = self._served.get(name)
+            if served is None or version > served.version:
+                await self._try_load(name, version)
+
+    def _target_version(self, name: str, recorded: int | None) -> int | None:
+        """The version ``name`` should serve: the recorded pin, else the configured one, else
+        the highest on disk (None when there is none)."""
+        return recorded or self.settings.versions.get(name) or self._latest(name)
 
     def _latest(self, name: str) -> int | None:
         on_disk = versions(self.root / name)

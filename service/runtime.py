@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +26,8 @@ log = logging.getLogger("ctrserve.runtime")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 WARMUP_ROWS = (1, 64)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
 
 
 class ModelLoadError(Exception):
@@ -51,10 +55,82 @@ def choose_provider(preference: str) -> str:
     return CUDA if cuda_usable() else CPU
 
 
-def cpu_threads(workers: int, requested: int) -> int:
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT,
+                     membership: Path = CGROUP_MEMBERSHIP) -> tuple[float, str] | None:
+    """The tightest CPU quota set on this process's cgroup or one of its ancestors, in CPUs
+    (quota / period), with the file that sets it; None where none is set.
+
+    ``membership`` (``/proc/self/cgroup``) names the process's cgroup: ``0::PATH`` for cgroup
+    v2, whose quota is ``ROOT/PATH/cpu.max`` ("max 100000" or "150000 100000"), and
+    ``N:cpu,cpuacct:PATH`` for v1, whose quota is ``cpu.cfs_quota_us`` (-1: none) over
+    ``cpu.cfs_period_us`` in ``ROOT/cpu,cpuacct/PATH``. A container sees its own cgroup at the
+    root of the mount whatever PATH says, so the roots are looked at too."""
+    limits = [limit for directory in _cgroup_directories(root, membership)
+              if (limit := _quota_in(directory)) is not None]
+    return min(limits) if limits else None
+
+
+def _quota_in(directory: Path) -> tuple[float, str] | None:
+    v2, v1 = directory / "cpu.max", directory / "cpu.cfs_quota_us"
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else (int(quota) / int(period), str(v2))
+        if v1.is_file():
+            quota_us = int(v1.read_text())
+            period_us = int((directory / "cpu.cfs_period_us").read_text())
+            return (quota_us / period_us, str(v1)) if quota_us > 0 else None
+    except (OSError, ValueError) as error:
+        log.warning("cannot read the CPU quota in %s: %s", directory, error)
+    return None
+
+
+def _cgroup_directories(root: Path, membership: Path) -> list[Path]:
+    """Where this process's CPU quotas may be set: its cgroup and every ancestor up to the
+    mount's root, for v2 and for v1's cpu controller."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    directories = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            base = root
+        elif "cpu" in controllers.split(","):
+            base = root / controllers
+        else:
+            continue
+        relative = PurePosixPath(path.lstrip("/"))
+        directories += [base / part for part in (relative, *relative.parents)]
+    for base in (root, root / "cpu", root / "cpu,cpuacct"):
+        if base not in directories:
+            directories.append(base)
+    return directories
+
+
+def usable_cpus(root: Path = CGROUP_ROOT,
+                membership: Path = CGROUP_MEMBERSHIP) -> tuple[int, str]:
+    """The CPUs this process may use, and where the figure comes from: the CPUs it may run on
+    (its affinity, e.g. ``taskset`` or a static CPU manager) or its cgroup's CPU quota (a
+    container's or pod's CPU limit), whichever is smaller; a fractional quota counts as the
+    next whole CPU. ``os.cpu_count()`` would count every core of the host."""
+    affinity = len(os.sched_getaffinity(0))
+    limit = cgroup_cpu_limit(root, membership)
+    if limit is not None and math.ceil(limit[0]) < affinity:
+        return math.ceil(limit[0]), f"the CPU quota {limit[0]:g} in {limit[1]}"
+    return affinity, f"the CPU affinity of {affinity} CPUs" + (
+        f", under the CPU quota {limit[0]:g} in {limit[1]}" if limit else ", no CPU quota")
+
+
+def cpu_threads(workers: int, requested: int, root: Path = CGROUP_ROOT,
+                membership: Path = CGROUP_MEMBERSHIP) -> tuple[int, str]:
+    """ONNX Runtime's intra-op threads per session, and why: ``requested`` when set, else the
+    usable CPUs divided among the workers, at least 1."""
     if requested > 0:
-        return requested
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+        return requested, "intra_op_threads setting"
+    cpus, source = usable_cpus(root, membership)
+    return max(1, cpus // max(1, workers)), f"{cpus} usable CPUs ({source}) / {workers} worker(s)"
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per loaded version

@@ -8,14 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .raw_values import MAX_VALUE_BYTES
 
 ENV_PREFIX = "CTRSERVE_"
 #: prometheus-client's multiprocess directory variable (set for several workers).
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 #: The repository when none is given: a name no source folder has.
 DEFAULT_REPO = Path("model-repository")
+#: The format of the service's log lines (the server's own and every worker's).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class ServiceSettings(BaseSettings):
@@ -37,8 +41,9 @@ class ServiceSettings(BaseSettings):
         "auto", description="ONNX Runtime provider; auto: CUDA when a GPU and its libraries "
                             "are usable, else CPU")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per "
-                                                       "session; 0: the cores divided among "
-                                                       "the workers")
+                                                       "session; 0: the CPUs this process may "
+                                                       "use (affinity, cgroup CPU quota) "
+                                                       "divided among the workers")
 
     batching: bool = Field(True, description="dynamic batching: rows of concurrent requests "
                                              "run as one batch")
@@ -50,21 +55,45 @@ class ServiceSettings(BaseSettings):
                                                          "Retry-After)")
     request_timeout_ms: int = Field(0, ge=0, description="per-request limit on waiting and "
                                                          "running (ms; 0: none)")
-    max_request_rows: int = Field(100_000, ge=1, description="rows per request beyond which "
-                                                             "it is refused (413)")
-    max_concurrency: int = Field(0, ge=0, description="connections plus running requests per "
-                                                      "worker beyond which uvicorn answers 503 "
-                                                      "before reading the body (0: no limit)")
+    max_request_rows: int = Field(0, ge=0, description="rows per request beyond which it is "
+                                                       "refused (413); 0: max_queue_rows, and "
+                                                       "more than max_queue_rows is refused at "
+                                                       "start (such a request could never be "
+                                                       "queued)")
+    max_value_bytes: int = Field(MAX_VALUE_BYTES, ge=1, description="UTF-8 bytes a text value "
+                                                                    "of a categorical column "
+                                                                    "may have (hex columns: 16 "
+                                                                    "digits); a longer one is "
+                                                                    "refused (400) while the "
+                                                                    "body is decoded")
+    max_concurrency: int = Field(0, ge=0, description="requests in flight per worker beyond "
+                                                      "which a request is answered 503 "
+                                                      "(Retry-After) before its body is read; "
+                                                      "idle connections do not count (0: no "
+                                                      "limit)")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="request bodies beyond "
                                                                     "this size are refused "
                                                                     "(413)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within "
                                                           "this time (408 otherwise)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a complete "
+                                                            "request head within this time of "
+                                                            "connecting (after a response: of "
+                                                            "the keep-alive timeout's end), "
+                                                            "else it is closed (s)")
+    keepalive_timeout_s: int = Field(5, ge=1, description="an idle connection is closed this "
+                                                          "long after its last response (s)")
 
     admin_token: str = Field("", description="bearer token the repository routes (load, "
                                              "unload, index) require; empty: open")
-    poll_interval_s: float = Field(0.0, ge=0, description="scan the repository for new "
-                                                          "versions this often (s; 0: never)")
+    poll_interval_s: float = Field(0.0, ge=0, description="scan the repository this often "
+                                                          "for new versions and for models "
+                                                          "not served yet (s; 0: never)")
+    wait_for_models_s: float = Field(0.0, ge=0, description="at start, wait up to this long "
+                                                            "for the repository to hold a "
+                                                            "model package (a volume filled "
+                                                            "later) before refusing to start "
+                                                            "(s; 0: refuse at once)")
     control_interval_s: float = Field(0.5, gt=0, description="check the control record other "
                                                              "workers write this often (s)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info",
@@ -77,3 +106,18 @@ class ServiceSettings(BaseSettings):
     redis_timeout_ms: int = Field(100, ge=1, description="limit on one request's feature reads "
                                                          "and on control reads and writes (ms)")
     redis_required: bool = Field(False, description="readiness requires Redis to answer")
+
+    @field_validator("max_request_rows")
+    @classmethod
+    def _request_rows_fit_the_queue(cls, rows: int, info: ValidationInfo) -> int:
+        """0 takes ``max_queue_rows`` (declared above, so validated first); more is refused: a
+        request above the queue's size could never be queued, yet would be refused as if only
+        for now (503, Retry-After) forever."""
+        queue_rows = info.data.get("max_queue_rows")
+        if queue_rows is None:  # max_queue_rows is invalid itself, and reported
+            return rows
+        if rows > queue_rows:
+            raise ValueError(f"{rows:,} is larger than max_queue_rows ({queue_rows:,}): such a "
+                             "request could never be queued; lower max_request_rows or raise "
+                             "max_queue_rows")
+        return rows or queue_rows

@@ -11,12 +11,21 @@ A request carries either the model's own tensors, ``dense`` FP32 [N, n_dense] an
 INT64 [N, n_tables] (ids after the feature transform, each within its table's rows), or raw
 columns by name, one tensor [N] or [N, 1] each: dense columns FP32, FP64 or INT64 (NaN is a
 missing value), categorical columns BYTES (UTF-8 text; the empty string is a missing value).
-A raw column left out is missing in every row. The batcher applies the package's transform to
-raw columns, as it does to the friendly API's rows.
+A BYTES element is the text of its column's kind (``models/keys.py``): an ``int`` column's the
+decimal text of an integer in int64, a ``hex`` column's 1-16 hexadecimal digits, a ``string``
+column's any text; none may hold a control character. An element longer than its column allows
+(16 bytes in a hex column, ``max_value_bytes`` in the others; ``raw_values.py``) is refused while
+decoding, a binary one from its length prefix, before it is read. Text stays Python strings until
+its batch. A raw column left out is missing in every row. The batcher applies the package's
+transform to raw columns, as it does to the friendly API's rows.
 
 The answer is ``probability`` FP32 [N], as JSON ``data`` or, when the requested output's
 ``binary_data`` (else the request's ``binary_data_output``) says so, as binary data after the
 JSON.
+
+JSON ``data`` holds numbers for FP32 and FP64 (integers too), integers for INT64 and strings for
+BYTES, flat or nested as the shape, no deeper; an error names the input and never echoes a whole
+value.
 """
 
 from __future__ import annotations
@@ -25,23 +34,28 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 import numpy as np
 import orjson
 
+from ctrserve.models.keys import shown
 from ctrserve.models.transform import FeatureTransform
 
 from .errors import BadRequest, PayloadTooLarge
 from .features import Features, ModelTensors, RawColumns
+from .raw_values import MAX_VALUE_BYTES, TextLimit, json_values_bound, refuse_too_many_values
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "probability"
 #: Numpy's dtype of each fixed-size Triton datatype this service reads (little-endian on the wire).
 _NUMPY: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
                                "INT64": np.dtype("<i8")}
-#: The numpy kinds JSON values may parse to for each datatype: an integer is a valid FP32 value,
-#: a float is not a valid INT64 one.
-_JSON_KINDS = {"FP32": "iuf", "FP64": "iuf", "INT64": "iu", "BYTES": "U"}
+#: The Python types JSON data may hold for each datatype: an integer is a valid FP32 value, a
+#: float is not a valid INT64 one.
+_JSON_TYPES: dict[str, set[type]] = {"FP32": {int, float}, "FP64": {int, float},
+                                     "INT64": {int}, "BYTES": {str}}
 _TENSORS = {"dense": "FP32", "sparse": "INT64"}
 _RAW_DENSE = ("FP32", "FP64", "INT64")
 _RAW_CATEGORICAL = ("BYTES",)
@@ -88,8 +102,10 @@ class InferRequest:
 
 
 def decode_infer_request(body: bytes, header_length: str | None, schema: ModelSchema,
-                         max_rows: int) -> InferRequest:
+                         max_rows: int, max_value_bytes: int = MAX_VALUE_BYTES) -> InferRequest:
     json_end = _json_length(header_length, len(body))
+    columns = len(schema.dense_columns) + len(schema.categorical_kinds)
+    refuse_too_many_values(body, json_end, json_values_bound(max_rows, columns))
     header = _parse_header(memoryview(body)[:json_end])
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -101,7 +117,7 @@ def decode_infer_request(body: bytes, header_length: str | None, schema: ModelSc
     rows: dict[str, int] = {}
     offset = json_end
     for spec in inputs:
-        name, array, n, offset = _input(spec, body, offset, schema)
+        name, array, n, offset = _input(spec, body, offset, schema, max_value_bytes)
         if name in tensors:
             raise BadRequest(f"input {name!r} is given twice")
         tensors[name], rows[name] = array, n
@@ -143,7 +159,7 @@ def _json_length(value: str | None, body_length: int) -> int:
     try:
         length = int(value)
     except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {shown(value)}") from None
     if not 0 < length <= body_length:
         raise BadRequest(f"{HEADER_LENGTH} is {length}, but the body has {body_length} bytes")
     return length
@@ -154,18 +170,19 @@ def _parse_header(text: memoryview) -> dict:
         header = orjson.loads(text)
     except orjson.JSONDecodeError as error:
         # tritonclient and Python's json write a float NaN (a missing dense value) as the bare
-        # word NaN, which is not JSON and which orjson refuses; the standard library reads it.
+        # word NaN, which is not JSON and which orjson refuses; the standard library reads it
+        # (and recurses on nesting orjson refused as too deep).
         try:
             header = json.loads(bytes(text))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadRequest(f"the request header is not valid JSON: {error}") from None
     if not isinstance(header, dict):
         raise BadRequest("the request header must be a JSON object")
     return header
 
 
-def _input(spec: object, body: bytes, offset: int,
-           schema: ModelSchema) -> tuple[str, np.ndarray, int, int]:
+def _input(spec: object, body: bytes, offset: int, schema: ModelSchema,
+           max_value_bytes: int) -> tuple[str, np.ndarray, int, int]:
     """One input: its name, its values (flat, or [N, width] for ``dense`` and ``sparse``), its
     rows, and where the next input's binary data starts."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -174,13 +191,15 @@ def _input(spec: object, body: bytes, offset: int,
     datatype, shape = spec.get("datatype"), spec.get("shape")
     accepted, width = _expected(name, schema)
     if datatype not in accepted:
-        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not accepted "
+        raise BadRequest(f"input {name!r}: datatype {shown(datatype)} is not accepted "
                          f"(expected {' or '.join(accepted)})")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
     if not (shape and (shape[1:] == [width] if width else shape[1:] in ([], [1]))):
         expected = f"[N, {width}]" if width else "[N] or [N, 1]"
         raise BadRequest(f"input {name!r}: shape {shape}, expected {expected}")
+    # BYTES are raw categorical columns' values: text as long as the column allows.
+    text_limit = TextLimit.of(schema.categorical_kinds.get(name, "string"), max_value_bytes)
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest(f"input {name!r}: parameters must be an object")
@@ -195,10 +214,10 @@ def _input(spec: object, body: bytes, offset: int,
             raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the "
                              f"body ({len(body) - offset} bytes left): the body is truncated or "
                              f"{HEADER_LENGTH} is wrong")
-        values = _from_binary(name, datatype, shape, body, offset, size)
+        values = _from_binary(name, datatype, shape, body, offset, size, text_limit)
         offset += size
     elif "data" in spec:
-        values = _from_json(name, datatype, shape, spec["data"])
+        values = _from_json(name, datatype, shape, spec["data"], text_limit)
     else:
         raise BadRequest(f"input {name!r} has neither data nor binary_data_size")
     return name, values.reshape(shape[0], width) if width else values, shape[0], offset
@@ -215,15 +234,15 @@ def _expected(name: str, schema: ModelSchema) -> tuple[tuple[str, ...], int | No
     if name in schema.categorical_kinds:
         return _RAW_CATEGORICAL, None
     tensors = "'dense' and 'sparse'" if schema.n_dense else "'sparse'"
-    raise BadRequest(f"unknown input {name!r}: the model takes {tensors}, or raw columns by "
-                     "name (see the model's metadata)")
+    raise BadRequest(f"unknown input {shown(name)}: the model takes {tensors}, or raw columns "
+                     "by name (see the model's metadata)")
 
 
 def _from_binary(name: str, datatype: str, shape: list[int], body: bytes, offset: int,
-                 size: int) -> np.ndarray:
+                 size: int, text_limit: TextLimit) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
-        return _bytes_elements(name, body, offset, offset + size, count)
+        return _bytes_elements(name, body, offset, offset + size, count, text_limit)
     dtype = _NUMPY[datatype]
     if size != count * dtype.itemsize:
         raise BadRequest(f"input {name!r}: shape {shape} of {datatype} needs "
@@ -231,9 +250,11 @@ def _from_binary(name: str, datatype: str, shape: list[int], body: bytes, offset
     return np.frombuffer(body, dtype, count, offset)  # a view of the body: no copy
 
 
-def _bytes_elements(name: str, body: bytes, start: int, stop: int, count: int) -> np.ndarray:
-    """A binary BYTES tensor's elements, as text."""
-    elements = []
+def _bytes_elements(name: str, body: bytes, start: int, stop: int, count: int,
+                    text_limit: TextLimit) -> np.ndarray:
+    """A binary BYTES tensor's elements, as text objects; one longer than ``text_limit`` is
+    refused before it is decoded."""
+    elements: list[str] = []
     offset = start
     for _ in range(count):
         if offset + 4 > stop:
@@ -241,6 +262,9 @@ def _bytes_elements(name: str, body: bytes, start: int, stop: int, count: int) -
         (length,) = _ELEMENT_LENGTH.unpack_from(body, offset)
         if offset + 4 + length > stop:
             break
+        if length > text_limit.limit:
+            raise text_limit.error(f"column {name!r}, row {len(elements)}",
+                                   f"a value of {length:,} bytes")
         try:
             elements.append(body[offset + 4:offset + 4 + length].decode())
         except UnicodeDecodeError:
@@ -253,21 +277,51 @@ def _bytes_elements(name: str, body: bytes, start: int, stop: int, count: int) -
     if offset != stop:
         raise BadRequest(f"input {name!r}: {stop - offset} bytes are left after its {count} "
                          "BYTES elements")
-    return np.array(elements, dtype=str)
+    return _objects(elements)
 
 
-def _from_json(name: str, datatype: str, shape: list[int], data: object) -> np.ndarray:
-    try:
-        values = np.array(data)
-    except ValueError:
-        raise BadRequest(f"input {name!r}: data is not a regular nested list") from None
+def _from_json(name: str, datatype: str, shape: list[int], data: object,
+               text_limit: TextLimit) -> np.ndarray:
+    """JSON data as a flat array, its values' types checked before numpy sees them (numpy would
+    size a text array by the longest string, whatever the datatype)."""
+    elements: list[Any] = data if isinstance(data, list) else [data]
+    for width in shape[1:]:  # nested as the shape: one level of equal-length lists at a time
+        if not (elements and all(type(e) is list for e in elements)):
+            break  # flat from here on
+        if any(len(e) != width for e in elements):
+            raise BadRequest(f"input {name!r}: data is not a regular nested list")
+        elements = list(chain.from_iterable(elements))
     count = math.prod(shape)
-    if values.size != count:
+    if len(elements) != count:
         raise BadRequest(f"input {name!r}: shape {shape} holds {count} values, data has "
-                         f"{values.size}")
-    if count and values.dtype.kind not in _JSON_KINDS[datatype]:
-        raise BadRequest(f"input {name!r}: data are not all {datatype} values")
-    return values.reshape(count).astype(_NUMPY.get(datatype, np.dtype(str)), copy=False)
+                         f"{len(elements)}")
+    types = set(map(type, elements))
+    if list in types:
+        raise BadRequest(f"input {name!r}: data is not a regular nested list (nested deeper "
+                         "than its shape, or ragged)")
+    if not types <= _JSON_TYPES[datatype]:
+        row = next(i for i, e in enumerate(elements) if type(e) not in _JSON_TYPES[datatype])
+        raise BadRequest(f"input {name!r}: data are not all {datatype} values (element {row}: "
+                         f"{shown(elements[row])})")
+    if datatype == "BYTES":
+        short = text_limit.short
+        for row, text in enumerate(elements):
+            if len(text) > short and not text_limit.fits(text):
+                raise text_limit.error(f"column {name!r}, row {row}", shown(text))
+        return _objects(elements)
+    try:
+        return np.array(elements, dtype=_NUMPY[datatype])
+    except OverflowError:
+        raise BadRequest(f"input {name!r}: data are not all {datatype} values (one is out of "
+                         "range)") from None
+
+
+def _objects(values: list) -> np.ndarray:
+    """``values`` as a numpy object array: a request's text stays Python strings, each as long
+    as itself, until its batch's transform."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def _tensor_features(tensors: dict[str, np.ndarray], n: int,
@@ -322,7 +376,8 @@ def _binary_output(header: dict) -> bool:
     for output in outputs:
         name = output.get("name") if isinstance(output, dict) else None
         if name != OUTPUT:
-            raise BadRequest(f"unknown output {name!r}: the model's output is {OUTPUT!r}")
+            raise BadRequest(f"unknown output {shown(name)}: the model's output is "
+                             f"{OUTPUT!r}")
         wanted = output.get("parameters") or {}
         if not isinstance(wanted, dict):
             raise BadRequest(f"output {OUTPUT!r}: parameters must be an object")

@@ -9,6 +9,7 @@ import hmac
 import weakref
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version as package_version
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -16,6 +17,23 @@ from fastapi.responses import Response
 from .dataplane import DataPlane, version_number
 from .errors import BadRequest, Unauthorized
 from .friendly import parse_json
+from .openapi import (
+    ADMIN_TOKEN,
+    BODY,
+    MODEL,
+    VERSION,
+    InferAnswer,
+    Live,
+    Loaded,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    RepositoryEntry,
+    ServerMetadata,
+    Statistics,
+    Unloaded,
+    answers,
+)
 from .repository import ServedModel
 from .responses import error_response, json_response
 from .runtime import ModelRuntime
@@ -24,10 +42,67 @@ from .v2_codec import HEADER_LENGTH, ModelSchema, decode_infer_request, encode_i
 #: Triton's names for the manifest's tensor dtypes.
 DATATYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
-INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"example": {
-    "inputs": [{"name": "I1", "datatype": "FP32", "shape": [2], "data": [3, 0]},
-               {"name": "C1", "datatype": "BYTES", "shape": [2], "data": ["7", ""]}],
-}}}}}
+INFER_HEADER = {
+    "type": "object", "required": ["inputs"],
+    "description": "Raw columns by name, one tensor [N] or [N, 1] each (dense columns FP32, "
+                   "FP64 or INT64, categorical ones BYTES; the model's metadata lists them), or "
+                   "the model's own tensors dense FP32 [N, n_dense] and sparse INT64 "
+                   "[N, tables]. Each input's data is JSON (flat or nested as its shape), or "
+                   "with parameters.binary_data_size that many bytes of the binary data after "
+                   "the JSON (Inference-Header-Content-Length gives the JSON's length). "
+                   'parameters.binary_data_output true, or outputs [{"name": "probability", '
+                   '"parameters": {"binary_data": true}}], asks for binary output.',
+    "properties": {
+        "id": {"type": ["string", "null"], "description": "echoed in the answer"},
+        "inputs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "datatype", "shape"],
+            "properties": {
+                "name": {"type": "string"},
+                "datatype": {"enum": ["FP32", "FP64", "INT64", "BYTES"]},
+                "shape": {"type": "array", "minItems": 1,
+                          "items": {"type": "integer", "minimum": 0}},
+                "data": {"description": "the values, flat or nested as the shape"},
+                "parameters": {"description": '{"binary_data_size": bytes}'},
+            },
+        }},
+        "outputs": {"description": 'at most [{"name": "probability"}], with parameters'},
+        "parameters": {"description": '{"binary_data_output": true} for binary output'},
+    },
+}
+INFER_BODY = {
+    "parameters": [{
+        "name": HEADER_LENGTH, "in": "header", "required": False,
+        "description": "with binary tensor data: the length of the JSON that comes first",
+        "schema": {"type": "integer", "minimum": 1},
+    }],
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": INFER_HEADER, "example": {
+            "inputs": [{"name": "I1", "datatype": "FP32", "shape": [2], "data": [3, 0]},
+                       {"name": "C1", "datatype": "BYTES", "shape": [2], "data": ["7", ""]}],
+        }},
+        "application/octet-stream": {"schema": {
+            "type": "string", "format": "binary",
+            "description": "the JSON header, then the binary data of the inputs that have "
+                           "binary_data_size (Triton's binary tensor extension)"}},
+    }},
+}
+INFER_ANSWERS = answers(InferAnswer, *BODY, *MODEL, 504, ok_content={
+    "application/octet-stream": {"schema": {
+        "type": "string", "format": "binary",
+        "description": "with binary output: the JSON answer, then the probabilities (FP32, "
+                       "little-endian)"}}})
+INFER_ANSWERS[200]["headers"] = {HEADER_LENGTH: {
+    "description": "with binary output: the length of the JSON answer that comes first",
+    "schema": {"type": "integer"}}}
+LOAD_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": {"type": "object", "properties": {"parameters": {
+        "type": ["object", "null"],
+        "properties": {"version": {
+            "description": "the version to serve (default: the pinned or highest one)",
+            "anyOf": [{"type": "integer", "minimum": 1}, VERSION, {"type": "null"}]}},
+    }}},
+    "example": {"parameters": {"version": 2}},
+}}}}
 
 
 class V2Endpoints:
@@ -92,9 +167,10 @@ class V2Endpoints:
     async def _infer(self, name: str, version: str | None, request: Request) -> Response:
         body = await request.body()
         served = self.dataplane.model(name, version)
+        settings = self.dataplane.settings
         decoded = decode_infer_request(body, request.headers.get(HEADER_LENGTH),
-                                       self._schema(served.runtime),
-                                       self.dataplane.settings.max_request_rows)
+                                       self._schema(served.runtime), settings.max_request_rows,
+                                       settings.max_value_bytes)
         probabilities = await self.dataplane.score(served, decoded.features)
         content, headers = encode_infer_response(name, served.version, decoded.request_id,
                                                  probabilities, decoded.binary_output)
@@ -140,34 +216,47 @@ class V2Endpoints:
 
     def router(self) -> APIRouter:
         router = APIRouter(prefix="/v2")
-        routes: list[tuple[str, str, Callable[..., Awaitable[Response]], str, str]] = [
-            ("GET", "/health/live", self.live, "health", "Whether the server process runs"),
+        admin = 401, *BODY, *MODEL
+        routes: list[tuple[str, str, Callable[..., Awaitable[Response]], str, str, dict]] = [
+            ("GET", "/health/live", self.live, "health", "Whether the server process runs",
+             answers(Live, 503)),
             ("GET", "/health/ready", self.ready, "health",
-             "Whether every model the server should serve is served"),
-            ("GET", "", self.server_metadata, "v2", "Server metadata"),
-            ("GET", "/models/{name}", self.model_metadata, "v2", "Model metadata"),
+             "Whether every model the server should serve is served", answers(Ready, 503)),
+            ("GET", "", self.server_metadata, "v2", "Server metadata",
+             answers(ServerMetadata, 503)),
+            ("GET", "/models/{name}", self.model_metadata, "v2", "Model metadata",
+             answers(ModelMetadata, *MODEL)),
             ("GET", "/models/{name}/versions/{version}", self.version_metadata, "v2",
-             "Model metadata of a version"),
-            ("GET", "/models/{name}/ready", self.model_ready, "v2", "Whether the model is served"),
+             "Model metadata of a version", answers(ModelMetadata, *MODEL)),
+            ("GET", "/models/{name}/ready", self.model_ready, "v2", "Whether the model is served",
+             answers(ModelReady, *MODEL)),
             ("GET", "/models/{name}/versions/{version}/ready", self.version_ready, "v2",
-             "Whether this version is served"),
+             "Whether this version is served", answers(ModelReady, *MODEL)),
             ("POST", "/models/{name}/infer", self.infer, "v2",
-             "Score v2 tensors (JSON or binary) with the served version"),
+             "Score v2 tensors (JSON or binary) with the served version", INFER_ANSWERS),
             ("POST", "/models/{name}/versions/{version}/infer", self.version_infer, "v2",
-             "Score v2 tensors (JSON or binary) with a given (served) version"),
+             "Score v2 tensors (JSON or binary) with a given (served) version", INFER_ANSWERS),
             ("GET", "/models/{name}/stats", self.stats, "repository",
-             "Rows scored, batches run and batch sizes (Triton's statistics extension)"),
+             "Rows scored, batches run and batch sizes (Triton's statistics extension)",
+             answers(Statistics, *MODEL)),
             ("POST", "/repository/index", self.repository_index, "repository",
-             "Every model of the repository and its state"),
+             "Every model of the repository and its state",
+             answers(list[RepositoryEntry], 401, *BODY, 503)),
             ("POST", "/repository/models/{name}/load", self.load, "repository",
-             "Serve a model (a given version with {\"parameters\": {\"version\": N}})"),
+             "Serve a model (a given version with {\"parameters\": {\"version\": N}})",
+             answers(Loaded, *admin)),
             ("POST", "/repository/models/{name}/unload", self.unload, "repository",
-             "Stop serving a model"),
+             "Stop serving a model", answers(Unloaded, *admin)),
         ]
-        for method, path, endpoint, tag, summary in routes:
-            extra = INFER_BODY if endpoint in (self.infer, self.version_infer) else None
+        secured: dict[str, Any] = (
+            {"security": [{ADMIN_TOKEN: []}]} if self.dataplane.settings.admin_token else {})
+        extras: dict[Callable, dict[str, Any]] = {
+            self.infer: INFER_BODY, self.version_infer: INFER_BODY,
+            self.load: {**LOAD_BODY, **secured}, self.unload: secured,
+            self.repository_index: secured}
+        for method, path, endpoint, tag, summary, declared in routes:
             router.add_api_route(path, endpoint, methods=[method], tags=[tag], summary=summary,
-                                 openapi_extra=extra)
+                                 responses=declared, openapi_extra=extras.get(endpoint) or None)
         return router
 
 
@@ -192,7 +281,9 @@ def _requested_version(payload: object) -> int | None:
     """The version in a load body ``{"parameters": {"version": N}}``."""
     if not isinstance(payload, dict):
         raise BadRequest("the load body must be a JSON object")
-    parameters = payload.get("parameters") or {}
+    parameters = payload.get("parameters")
+    if parameters is None:
+        return None
     if not isinstance(parameters, dict):
         raise BadRequest('"parameters" must be an object')
     version = parameters.get("version")

@@ -1,6 +1,7 @@
 """The docker compose stack's pieces started natively for tests: nginx and Prometheus with the
 repository's own configuration (deploy/), templated for loopback ports, and redis-server; the
-dashboard's queries, with Grafana's variables substituted; and the page docs/dashboard.md.
+compose file's features job; the dashboard's queries, with Grafana's variables substituted; and
+the page docs/dashboard.md.
 
 Every process runs on a free loopback port with its files in a temporary directory, every wait
 is bounded, and every process is stopped by its PID.
@@ -36,6 +37,9 @@ K8S = DEPLOY / "k8s"
 
 #: Panels whose queries return data only where a GPU is (NVML gauges).
 GPU_ONLY_PANELS = {"GPU memory"}
+#: Panels whose queries return data only once a ranking request names an entity the feature
+#: store lacks (the native run's ranking finds every entity).
+MISSING_ENTITY_PANELS = {"Missing entities by model and entity"}
 
 
 def tool(name: str, package: str) -> str:
@@ -106,15 +110,39 @@ def start_redis(directory: Path) -> tuple[Daemon, str]:
     return daemon, f"redis://{HOST}:{port}/0"
 
 
+# -- the features job ------------------------------------------------------------------------
+
+def features_job_script() -> str:
+    """The shell script of the compose service `features`, as its shell gets it (``$$`` is
+    compose's escape of ``$``)."""
+    command = yaml.safe_load(COMPOSE.read_text())["services"]["features"]["command"]
+    assert command[:2] == ["sh", "-c"], command
+    return command[2].replace("$$", "$")
+
+
+def run_features_job(repo: Path, redis_url: str) -> subprocess.CompletedProcess:
+    """The features job run natively: the model volume is ``repo``, Redis the native one, and
+    ``ctrserve`` the one beside this Python."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "CTRSERVE_REPO": str(repo),
+           "CTRSERVE_REDIS_URL": redis_url}
+    return subprocess.run(["sh", "-c", features_job_script()], env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
 # -- nginx -----------------------------------------------------------------------------------
 
 def render_nginx(listen: str, backends: list[str]) -> str:
-    """The template with its two variables filled: the `server ${CTRSERVE_BACKEND}` line once
-    per replica (Docker's DNS does that under compose)."""
+    """The template with its two variables filled: the `server ${CTRSERVE_BACKEND} resolve`
+    line once per replica's address, without `resolve` (under compose Docker's DNS names every
+    replica and nginx asks it again; an address needs no resolving, and Debian's nginx 1.22
+    has no `resolve`)."""
     lines = []
     for line in NGINX_TEMPLATE.read_text().splitlines():
         if "${CTRSERVE_BACKEND}" in line:
-            lines.extend(line.replace("${CTRSERVE_BACKEND}", backend) for backend in backends)
+            assert "${CTRSERVE_BACKEND} resolve " in line, line
+            lines.extend(line.replace("${CTRSERVE_BACKEND} resolve", backend)
+                         for backend in backends)
         else:
             lines.append(line.replace("${CTRSERVE_LB_LISTEN}", listen))
     text = "\n".join(lines) + "\n"
@@ -164,6 +192,7 @@ def render_prometheus(replicas: list[str], own_address: str, scrape_interval: st
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"]["scrape_interval"] = scrape_interval
     config["global"]["scrape_timeout"] = scrape_interval
+    config["global"]["evaluation_interval"] = scrape_interval  # the alert rules
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     ctrserve = jobs["ctrserve"]
     assert "dns_sd_configs" in ctrserve, "the ctrserve job should find replicas through DNS"
@@ -179,7 +208,10 @@ def start_prometheus(directory: Path, port: int, replicas: list[str],
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "prometheus.yml"
     address = f"{HOST}:{port}"
-    config.write_text(yaml.safe_dump(render_prometheus(replicas, address, scrape_interval)))
+    rendered = render_prometheus(replicas, address, scrape_interval)
+    for rule_file in rendered.get("rule_files", []):  # beside the configuration, as under compose
+        shutil.copy(PROMETHEUS_CONFIG.parent / rule_file, directory / rule_file)
+    config.write_text(yaml.safe_dump(rendered))
     daemon = Daemon("prometheus", [
         prometheus, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
         f"--web.listen-address={address}", "--log.level=warn"], directory)
@@ -297,7 +329,9 @@ def write_dashboard_doc(path: Path, results: list[dict], run: dict) -> None:
         "its queries, and the value each query returned in a native run of the stack "
         "(`tests/test_stack.py`: two `ctrserve serve` replicas, nginx with "
         "`deploy/nginx/ctrserve.conf.template`, redis-server and Prometheus with "
-        "`deploy/prometheus/prometheus.yml`, on loopback).",
+        "`deploy/prometheus/prometheus.yml`, on loopback). Every panel takes its datasource from "
+        "the dashboard's `datasource` variable, which starts on the default Prometheus "
+        "datasource.",
         "",
         "Produced by (2 cores, no GPU):",
         "",
@@ -324,6 +358,9 @@ def write_dashboard_doc(path: Path, results: list[dict], run: dict) -> None:
                 lines += [item["description"], ""]
             if panel in GPU_ONLY_PANELS:
                 lines += ["GPU only: NVML gauges, empty on this machine (no GPU).", ""]
+            if panel in MISSING_ENTITY_PANELS:
+                lines += ["Empty in this run: no ranking request named an entity the feature "
+                          "store lacks.", ""]
         lines += ["```promql", item["expr"], "```", ""]
         values = [(_series(s, item["legend"]), float(s["value"][1])) for s in item["result"]]
         if not values:

@@ -69,7 +69,7 @@ def test_counts_histograms_and_memory_match_what_was_sent(trained):
     for table in manifest["tables"]:
         assert value(samples, "ctrserve_embedding_bytes", table=table["table"],
                      **labels) == table["bytes"]
-    assert value(samples, "ctrserve_embedding_bytes_total", **labels) == manifest["bytes"][
+    assert value(samples, "ctrserve_model_embedding_bytes", **labels) == manifest["bytes"][
         "embeddings"]
     ratio = manifest["bytes"]["full_embeddings"] / manifest["bytes"]["embeddings"]
     assert abs(value(samples, "ctrserve_compression_ratio", **labels) - ratio) < 1e-9

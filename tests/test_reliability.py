@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -70,6 +72,75 @@ def test_fuzzed_routes_never_answer_5xx(guarded):
     score = counts["POST /v1/models/{name}/score"]
     assert score.get(200, 0) > 0 and score.get(400, 0) > 0
     assert httpx.get(guarded.url + "/v2/health/ready").status_code == 200
+
+
+#: schemathesis's configuration for the all-checks runs. The path parameters are the served
+#: model and version, so that bodies reach the model. A body the schema allows may still be
+#: refused (400) on the routes listed: JSON Schema cannot say which columns or inputs a model
+#: has, that columns have one length or that a v2 tensor's shape matches its data, and its
+#: "integer" admits 2.0, which the server refuses as a version; every other check, and this one
+#: on every other route, runs as schemathesis defines it.
+SCHEMATHESIS_CONFIG = """
+[parameters]
+"path.name" = "ctr"
+"path.version" = "1"
+
+[generation]
+database = "none"
+
+[[operations]]
+include-path-regex = "/(score|infer|rank|load)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404"]
+"""
+SCHEMATHESIS_EXAMPLES = 20
+
+
+def _schemathesis(url: str, directory, *flags: str) -> subprocess.CompletedProcess:
+    """``schemathesis run --checks all`` (every phase: examples, coverage, fuzzing, stateful)
+    against the server's own /openapi.json, run in ``directory`` (its caches go there)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+               f"{url}/openapi.json", "--checks", "all", "--max-examples",
+               str(SCHEMATHESIS_EXAMPLES), "--workers", "1", "--no-color", *flags]
+    return subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=600)
+
+
+def _summary(run: subprocess.CompletedProcess) -> str:
+    """schemathesis's counts: operations tested, cases generated and passed."""
+    return "schemathesis: " + ", ".join(
+        line.strip() for line in run.stdout.splitlines()
+        if re.match(r"\s*(Tested: \d+|\d+ generated)", line))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_schemathesis_all_checks_pass_on_every_operation(guarded, tmp_path, seed):
+    """Every operation of the document, without the admin token: the statuses, media types,
+    headers and bodies of the answers are the declared ones, 405s carry Allow, invalid data is
+    refused and valid data accepted."""
+    run = _schemathesis(guarded.url, tmp_path, "--seed", str(seed))
+    print(_summary(run))
+    assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-2000:]
+    operations = len(httpx.get(guarded.url + "/openapi.json").json()["paths"])
+    assert re.search(rf"Tested: {operations}\b", run.stdout), run.stdout[-3000:]
+    assert httpx.get(guarded.url + "/v2/health/ready").status_code == 200
+
+
+def test_schemathesis_all_checks_pass_on_the_repository_routes_with_the_token(trained,
+                                                                              tmp_path):
+    """The repository routes with the admin token (on a copy of the repository: they unload
+    and load the model)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(trained["repo"], repo)
+    with ServiceProcess(repo, "--admin-token", TOKEN, "--max-body-bytes", "200000",
+                        "--body-timeout-s", "1") as server:
+        run = _schemathesis(server.url, tmp_path / "schemathesis", "--seed", "1",
+                            "--header", f"Authorization: Bearer {TOKEN}",
+                            "--include-path-regex", "^/v2/repository/")
+    print(_summary(run))
+    assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-2000:]
+    assert re.search(r"Tested: 3\b", run.stdout), run.stdout[-3000:]
 
 
 @pytest.mark.parametrize("body,status,message", [

@@ -1,9 +1,12 @@
 """The docker compose stack, proven without a Docker engine.
 
-Natively on loopback: two ``ctrserve serve`` replicas sharing a redis-server, nginx with the
-repository's load balancer template, Prometheus with its scrape configuration; a known number
-of requests through the balancer, one 4xx and one queue-full rejection, then every query of the
-Grafana dashboard against Prometheus's HTTP API. Structurally: the compose file (Debian's
+Natively on loopback: the compose features job's script loading the demo's entity tables into a
+redis-server, two ``ctrserve serve`` replicas sharing it, nginx with the repository's load
+balancer template, Prometheus with its scrape configuration; a known number of requests through
+the balancer, one 4xx and one queue-full rejection that nginx retries on the other replica,
+every query of the Grafana dashboard against Prometheus's HTTP API, ranking requests that find
+their entities, 503s from every replica reaching the client as 503, and a replica stopped.
+Structurally: the compose file (Debian's
 docker-compose), the Dockerfile (hadolint), the Kubernetes manifests (kubernetes-validate), the
 Prometheus configuration (promtool), the Grafana provisioning and dashboard.
 """
@@ -20,6 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from servers import HOST, ServiceProcess, free_port, request_rows
 from stack import (
@@ -29,6 +33,7 @@ from stack import (
     DOCKERFILE,
     GPU_ONLY_PANELS,
     K8S,
+    MISSING_ENTITY_PANELS,
     NGINX_TEMPLATE,
     PROMETHEUS_CONFIG,
     ROOT,
@@ -37,6 +42,7 @@ from stack import (
     finite_values,
     query,
     run_dashboard,
+    run_features_job,
     scalar,
     start_nginx,
     start_prometheus,
@@ -45,6 +51,8 @@ from stack import (
     wait_for_value,
     write_dashboard_doc,
 )
+
+from ctrserve.demo import RANK_EXAMPLE, build_rank_package
 
 SCORE = "/v1/models/ctr/score"
 ROUTE = 'route="/v1/models/{name}/score"'
@@ -66,7 +74,7 @@ NOT_STARTED_NATIVELY = {
 }
 #: Compose service -> what the native test starts for it.
 STARTED_NATIVELY = {"ctrserve": "ctrserve serve x2", "lb": "nginx", "redis": "redis-server",
-                    "prometheus": "prometheus"}
+                    "prometheus": "prometheus", "features": "its script, with sh"}
 NATIVE_REPLICAS = 2
 
 
@@ -92,16 +100,42 @@ def _good_bodies(rows: list[dict]) -> list[dict]:
     return bodies
 
 
+@pytest.fixture(scope="module")
+def demo_ranking(tmp_path_factory) -> Path:
+    """The demo's ranking model, built by the demo's own code on fewer interactions: the
+    repository REPO/rank/ with version 1, its feature view and its entity tables (what the
+    compose init service writes into the models volume)."""
+    root = tmp_path_factory.mktemp("demo-ranking")
+    build_rank_package(root, rows=8000, epochs=1)
+    return root / "repo"
+
+
+def _wait_until(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_data(
-        trained, tmp_path):
+        trained, demo_ranking, tmp_path):
     rows = request_rows(trained["rows_file"])
     repo = tmp_path / "repo"  # the replicas' shared model repository (a volume under compose)
     shutil.copytree(trained["repo"], repo)
+    shutil.copytree(demo_ranking / "rank", repo / "rank")
     started = time.monotonic()
     with ExitStack() as stack:
         redis, redis_url = start_redis(tmp_path / "redis")
         stack.callback(redis.stop)
-        common = ("--models", "ctr", "--redis-url", redis_url)
+        # The compose order: the features job writes the demo's entity tables into Redis
+        # before the replicas start.
+        features = run_features_job(repo, redis_url)
+        assert features.returncode == 0, features.stdout + features.stderr
+        assert "2,000 user entities written" in features.stdout, features.stdout
+        assert "500 item entities written" in features.stdout, features.stdout
+        common = ("--models", "ctr", "--models", "rank", "--redis-url", redis_url)
         # Started together, waited for in turn. The second replica has a small queue and waits
         # up to 300 ms to fill a batch: two burst requests at once overflow it.
         replicas = [
@@ -130,39 +164,85 @@ def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_
         bad = httpx.post(lb + SCORE, json={"rows": [{"nope": 1}]}, timeout=30)
         burst = asyncio.run(_post_all(lb, [{"rows": rows[:BURST_ROWS]}] * BURST, BURST))
         sent = GOOD_REQUESTS + 1 + BURST
+        # The second replica refuses one burst request (503, queue full); nginx sends it again
+        # to the first, so the replicas answer one request more than the clients sent.
+        answered = sent + 1
 
         assert [r.status_code for r in good] == [200] * GOOD_REQUESTS
         assert bad.status_code == 400 and "nope" in bad.json()["error"]
-        assert sorted(r.status_code for r in burst) == [200] * (BURST - 1) + [503]
-        refused = next(r for r in burst if r.status_code == 503)
-        assert refused.headers["retry-after"] == "1"
-        assert refused.headers["x-worker-pid"] == str(replicas[1].process.pid)
+        assert [r.status_code for r in burst] == [200] * BURST
         pids = {r.headers["x-worker-pid"] for r in good}
         assert pids == {str(replica.process.pid) for replica in replicas}
+        first, second = addresses
+        retried = rf'"POST {SCORE} [^"]*" 200 .* upstream={second}, {first} ' \
+                  r'upstream_status=503, 200 '
+        assert re.search(retried, nginx.log_path.read_text()), nginx.log()
 
         # Prometheus has scraped the final counts: the counter summed over the replicas equals
-        # the requests sent; then one more scrape, so that every rate has two samples.
+        # the requests they answered; then one more scrape, so that every rate has two samples.
         total = f"sum(ctrserve_requests_total{{model=\"ctr\", {ROUTE}}})"
-        assert wait_for_value(prom, total, sent) == sent, prometheus.log()
+        assert wait_for_value(prom, total, answered) == answered, prometheus.log()
         time.sleep(2.5)
         by_status = {s["metric"]["status"]: float(s["value"][1]) for s in query(
             prom, f"sum by (status) (ctrserve_requests_total{{model=\"ctr\", {ROUTE}}})")}
-        assert by_status == {"200": sent - 2, "400": 1, "503": 1}
+        assert by_status == {"200": answered - 2, "400": 1, "503": 1}
         per_replica = query(prom, f"sum by (instance) (ctrserve_requests_total{{{ROUTE}}})")
         assert sorted(s["metric"]["instance"] for s in per_replica) == sorted(addresses)
         assert scalar(prom, 'sum(ctrserve_rejections_total{reason="queue_full"})') == 1
-        scored = GOOD_REQUESTS * ROWS_PER_REQUEST + (BURST - 1) * BURST_ROWS
+        scored = GOOD_REQUESTS * ROWS_PER_REQUEST + BURST * BURST_ROWS
         assert scalar(prom, 'sum(ctrserve_scored_rows_total{model="ctr"})') == scored
         assert scalar(prom, 'sum(ctrserve_feature_oov_total{model="ctr", column="C1"})') >= (
             GOOD_REQUESTS // 4)
         assert scalar(prom, 'count(ctrserve_model_active{model="ctr", version="1"} == 1)') == 2
 
-        # Every query of the dashboard returns data (a finite value), GPU-only panels aside.
+        # Every query of the dashboard returns data (a finite value), GPU-only panels and
+        # missing entities (none in this run) aside.
         results = run_dashboard(prom, VARIABLES)
         empty = [(r["panel"], r["query"]) for r in results
-                 if r["panel"] not in GPU_ONLY_PANELS and not finite_values(r["result"])]
+                 if r["panel"] not in GPU_ONLY_PANELS | MISSING_ENTITY_PANELS
+                 and not finite_values(r["result"])]
         assert not empty, empty
         elapsed = time.monotonic() - started
+
+        # Ranking through the balancer finds every entity the features job wrote, on both
+        # replicas.
+        ranked = [httpx.post(lb + "/v1/models/rank/rank", json=RANK_EXAMPLE, timeout=30)
+                  for _ in range(NATIVE_REPLICAS)]
+        assert [r.status_code for r in ranked] == [200] * NATIVE_REPLICAS, ranked[0].text
+        assert {r.headers["x-worker-pid"] for r in ranked} == pids
+        for answer in ranked:
+            assert answer.json()["missing_entities"] == []
+            assert len(answer.json()["probabilities"]) == len(RANK_EXAMPLE["candidates"])
+
+        # ctr unloaded through the balancer: every replica follows the record and answers 503
+        # for it, and stays ready (an explicit unload leaves what readiness waits for). nginx
+        # tries both replicas and hands the last 503 on with its Retry-After, never a 502.
+        unloaded = httpx.post(lb + "/v2/repository/models/ctr/unload", timeout=60)
+        assert unloaded.status_code == 200, unloaded.text
+        for replica in replicas:
+            _wait_until(lambda url=replica.url: httpx.get(
+                url + "/v2/models/ctr/ready", timeout=5).status_code == 503,
+                "every replica unloads ctr")
+            assert httpx.get(replica.url + "/v2/health/ready", timeout=5).status_code == 200
+        refused = [httpx.post(lb + SCORE, json={"rows": rows[:2]}, timeout=30)
+                   for _ in range(6)]
+        assert [(r.status_code, r.headers.get("retry-after")) for r in refused] == [
+            (503, "1")] * 6
+        tried_both = re.findall(rf'"POST {SCORE} [^"]*" 503 .* upstream=\S+, \S+ '
+                                r'upstream_status=503, 503 ', nginx.log_path.read_text())
+        assert len(tried_both) == 6, nginx.log()
+        print(f"ctr unloaded: {len(refused)} requests through nginx answered "
+              f"{sorted({r.status_code for r in refused})} with Retry-After "
+              f"{sorted({r.headers.get('retry-after') for r in refused})}, "
+              f"{len(tried_both)} tried on both replicas; ranking answered "
+              f"{[r.status_code for r in ranked]} with missing entities "
+              f"{[r.json()['missing_entities'] for r in ranked]}")
+        loaded = httpx.post(lb + "/v2/repository/models/ctr/load", timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        for replica in replicas:
+            _wait_until(lambda url=replica.url: httpx.get(
+                url + "/v2/models/ctr/ready", timeout=5).status_code == 200,
+                "every replica loads ctr again")
 
         # A replica gone: scoring POSTs are retried on the other one (nginx's non_idempotent).
         replicas[1].stop()
@@ -179,11 +259,14 @@ def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_
             f"time (every fourth with one out-of-vocabulary C1 value), one request with an "
             f"unknown column (400), then {BURST} concurrent requests of {BURST_ROWS} rows, of "
             f"which the second replica (max_queue_rows {SMALL_QUEUE_ROWS}, max_queue_delay_us "
-            f"{SLOW_DELAY_US}; the first runs the defaults) refused one (503, queue_full): "
-            f"{sent} scoring requests. Prometheus's counters, summed over the replicas: "
-            "requests by status " + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(by_status.items()))
+            f"{SLOW_DELAY_US}; the first runs the defaults) refused one (503, queue_full), "
+            f"which nginx sent again to the first replica (200): {sent} scoring requests, "
+            f"{answered} answered by the replicas. Prometheus's counters, summed over the "
+            "replicas: requests by status "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(by_status.items()))
             + ", queue_full rejections 1. The model is "
-            "the test suite's small QR model (5 tables, D=8), `ctr` version 1. Prometheus "
+            "the test suite's small QR model (5 tables, D=8), `ctr` version 1 (the replicas "
+            "also serve the demo's ranking model `rank`). Prometheus "
             f"scraped every second; the stack was up and queried in {elapsed:.0f} s.")})
 
 
@@ -239,6 +322,33 @@ def test_compose_file_is_valid_and_starts_what_the_native_test_starts():
     assert devices[0]["capabilities"] == ["gpu"]
     assert "ctrserve" in gpu["networks"]["default"]["aliases"]
 
+    # Start order and health: the features job after init and Redis, with the replicas'
+    # Redis and the model volume; every replica after it, healthy when ready (the HEALTHCHECK
+    # of the image it is built from, which no replica overrides); the balancer once the
+    # replicas are healthy.
+    features = services["features"]
+    assert {name: d["condition"] for name, d in features["depends_on"].items()} == {
+        "init": "service_completed_successfully", "redis": "service_healthy"}
+    assert mounts("features")["/models"] == "models"
+    assert features["environment"]["CTRSERVE_REDIS_URL"] == environment["CTRSERVE_REDIS_URL"]
+    assert features["environment"]["CTRSERVE_REPO"] == environment["CTRSERVE_REPO"]
+    for name in ("ctrserve", "ctrserve-gpu"):
+        replica = services[name]
+        assert replica["depends_on"]["features"]["condition"] == "service_completed_successfully"
+        assert "healthcheck" not in replica, name
+        assert "/v2/health/ready" in _healthcheck_of_stage(replica["build"]["target"]), name
+    assert services["lb"]["depends_on"]["ctrserve"]["condition"] == "service_healthy"
+
+    # The balancer finds restarted and added replicas again: `resolve` on the upstream server
+    # (nginx 1.27.3 or newer) with Docker's DNS, answers kept a few seconds.
+    image = re.fullmatch(r"nginx:(\d+)\.(\d+)(?:\.(\d+))?-alpine", services["lb"]["image"])
+    assert image, services["lb"]["image"]
+    assert tuple(int(part or 0) for part in image.groups()) >= (1, 27, 3)
+    template = NGINX_TEMPLATE.read_text()
+    assert re.search(r"^resolver 127\.0\.0\.11 valid=\d+s", template, flags=re.M)
+    assert re.search(r"^\s*server \$\{CTRSERVE_BACKEND\} resolve ", template, flags=re.M)
+    assert re.search(r"^\s*zone ctrserve ", template, flags=re.M)
+
     # Published ports bind to a configurable address (loopback unless set); no secret in the
     # file, only references to the environment.
     for name, service in services.items():
@@ -247,6 +357,21 @@ def test_compose_file_is_valid_and_starts_what_the_native_test_starts():
     text = COMPOSE.read_text()
     for secret in ("CTRSERVE_ADMIN_TOKEN", "GF_SECURITY_ADMIN_PASSWORD"):
         assert re.search(rf"{secret}: \$\{{\w+:-(admin)?\}}", text), secret
+
+
+def _healthcheck_of_stage(target: str) -> str:
+    """The HEALTHCHECK instruction a Dockerfile stage has, its own or its nearest ancestor's."""
+    stages = {}
+    for block in re.split(r"^(?=FROM\s)", DOCKERFILE.read_text(), flags=re.M)[1:]:
+        base, name = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", block, flags=re.I).groups()
+        check = re.search(r"^HEALTHCHECK (?:.*\\\n)*.*", block, flags=re.M)
+        stages[name] = (base, check.group(0) if check else None)
+    while target in stages:
+        base, check = stages[target]
+        if check is not None:
+            return check
+        target = base
+    raise AssertionError("no HEALTHCHECK in the stage or its ancestors")
 
 
 def test_dockerfile_lints_clean_and_builds_the_images_compose_uses():
@@ -273,7 +398,9 @@ def test_dockerfile_lints_clean_and_builds_the_images_compose_uses():
     assert any(line.startswith("onnxruntime-gpu[cuda,cudnn]") for line in gpu_extra)
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users[-1] == "10001:10001"
-    assert re.search(r"^HEALTHCHECK .*\n?.*/v2/health/live", text, flags=re.M)
+    # Healthy means ready (every model loaded), for both serving images.
+    for target in ("serving", "gpu"):
+        assert "/v2/health/ready" in _healthcheck_of_stage(target), target
     assert 'VOLUME ["/models"]' in text
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
     assert re.search(r"^torch==", constraints, flags=re.M)
@@ -302,6 +429,15 @@ def test_kubernetes_manifests_validate():
         "containerPort"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Pods wait for their models: the server waits for a first package on the volume (the
+    # Job may fill it later) within the startup probe's time, then polls for what appears.
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert float(env["CTRSERVE_POLL_INTERVAL_S"]) > 0
+    assert 0 < float(env["CTRSERVE_WAIT_FOR_MODELS_S"]) < (
+        startup["periodSeconds"] * startup["failureThreshold"])
+    # A CPU limit: the cgroup quota the server sizes ONNX Runtime's threads by.
+    assert container["resources"]["limits"]["cpu"]
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
 
 
@@ -312,7 +448,11 @@ def test_prometheus_config_and_grafana_provisioning_are_well_formed():
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     board = dashboard()
-    uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
+    # Panels name no datasource: the `datasource` variable offers the provisioned one's type.
+    uid = "${datasource}"
+    provisioned = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]
+    assert board["templating"]["list"][0]["query"] == provisioned["type"]
+    assert provisioned["isDefault"]
     panels = dashboard_panels()
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
@@ -331,7 +471,7 @@ def test_prometheus_config_and_grafana_provisioning_are_well_formed():
             assert target["datasource"]["uid"] == uid
             assert set(re.findall(r"\$\w+", target["expr"])) <= known, target["expr"]
     assert {p["title"] for p in panels} >= GPU_ONLY_PANELS
-    assert [v["name"] for v in board["templating"]["list"]] == ["model"]
+    assert [v["name"] for v in board["templating"]["list"]] == ["datasource", "model"]
 
     # Every metric the dashboard reads exists in the service, and the issue's topics are there.
     exported = set(re.findall(r'"(ctrserve_\w+)"', (ROOT / "service" / "metrics.py").read_text()))
