@@ -79,7 +79,10 @@ CMD ["ctrserve", "serve"]
 # onnxruntime-gpu's CUDA 13 and cuDNN 9 libraries come as NVIDIA's wheels (the gpu extra,
 # versions pinned by the constraints); the dynamic loader is told where they are. The
 # driver (libcuda) comes from the host through the NVIDIA container runtime. nvidia-ml-py feeds
-# the GPU memory gauges.
+# the GPU gauges. The host needs what the pinned onnxruntime-gpu 1.31.1 (built with CUDA 13.0)
+# needs: an NVIDIA driver of branch 580 (580.65.06) or later, and a GPU of compute capability
+# 7.5 (Turing, the oldest), 8.0, 8.6, 8.9, 9.0 or 12.0: its CUDA provider carries code for those
+# and no PTX. The pinned wheels offer no CUDA 12 variant. docs/gpu.md has the sources.
 FROM serving-base AS gpu
 USER 0:0
 RUN pip install -c /app/requirements/constraints.txt "/app[gpu]" \

@@ -28,39 +28,64 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=required, help="training data file")
     group.add_argument("--format", choices=("criteo", "avazu", "libfm", "csv", "parquet"),
-                       help="file format (default: from the extension; criteo for .tsv)")
-    group.add_argument("--spec", help="column spec JSON (csv and parquet)")
-    group.add_argument("--test-data", help="a separate test file (then --fractions has two parts)")
+                       help="file format (default: what the file's content shows)")
+    group.add_argument("--spec", help="column spec JSON (csv and parquet; default: inferred "
+                                      "from the data, see 'ctrserve spec infer')")
+    group.add_argument("--label", help="with an inferred spec: the label column (default: one "
+                                       "named label, click, y, target, ...)")
+    group.add_argument("--label-threshold", type=float,
+                       help="with an inferred spec: label values of this and above are positive "
+                            "(e.g. 4 for 1-5 ratings)")
+    group.add_argument("--valid-data", help="a separate validation file (not cut from --data)")
+    group.add_argument("--test-data", help="a separate test file (not cut from --data)")
     group.add_argument("--split", choices=("position", "random"), default="position",
                        help="position: contiguous, train first (time-ordered data); "
-                            "random: seeded hash of the row number")
+                            "random: rows ranked by a seeded hash of the row number")
     group.add_argument("--fractions", type=_floats,
-                       help="train,valid,test fractions (default 0.8,0.1,0.1; "
-                            "0.9,0.1 with --test-data)")
-    group.add_argument("--seed", type=int, default=0)
+                       help="fractions of the parts cut from --data: train,valid,test (default "
+                            "0.8,0.1,0.1); 0.9,0.1 when one part has its own file; exact to "
+                            "the row")
+    group.add_argument("--split-seed", type=int, default=0,
+                       help="seed of the random split, its own: --seed never moves it")
     group.add_argument("--skip-malformed", action="store_true",
                        help="count and skip malformed lines instead of stopping at the first")
 
 
-def data_config(args: argparse.Namespace):
+def data_config(args: argparse.Namespace, infer_spec: bool = True):
+    """The data a command reads. A csv or parquet file without ``--spec`` gets an inferred spec
+    (printed, and kept in the data config) where ``infer_spec``; else none here (``evaluate``
+    reads such data with its checkpoint's spec)."""
     from ctrserve.models.data import DataConfig
+    from ctrserve.models.readers import sniff_format
 
-    fmt = args.format or _format_from_path(args.data)
-    fractions = args.fractions or ((0.9, 0.1) if args.test_data else (0.8, 0.1, 0.1))
+    if args.format:
+        fmt = args.format
+    else:
+        fmt, evidence = sniff_format(args.data)
+        print(f"{args.data}: format {fmt} ({evidence}; --format to choose another)",
+              file=sys.stderr)
+    column_spec = None
+    if fmt in ("csv", "parquet") and not args.spec and infer_spec:
+        column_spec = _inferred_spec(args.data, fmt, args.label, args.label_threshold)
+    parts = 3 - bool(args.valid_data) - bool(args.test_data)
+    fractions = args.fractions or {3: (0.8, 0.1, 0.1), 2: (0.9, 0.1), 1: (1.0,)}[parts]
     return DataConfig(
         path=args.data, format=fmt, spec_path=args.spec, test_path=args.test_data,
-        split=args.split, fractions=fractions, seed=args.seed,
-        on_error="skip" if args.skip_malformed else "raise",
+        valid_path=args.valid_data, split=args.split, fractions=fractions,
+        split_seed=args.split_seed, on_error="skip" if args.skip_malformed else "raise",
+        column_spec=column_spec,
     )
 
 
-def _format_from_path(path: str) -> str:
-    suffixes = {".tsv": "criteo", ".txt": "criteo", ".libfm": "libfm", ".libsvm": "libfm",
-                ".parquet": "parquet", ".csv": "csv"}
-    for suffix, fmt in suffixes.items():
-        if path.endswith(suffix):
-            return fmt
-    raise SystemExit(f"cannot tell the format of {path}: pass --format")
+def _inferred_spec(path: str, fmt: str, label: str | None, threshold: float | None) -> dict:
+    """The spec inferred from ``path``, printed with the reason for each column."""
+    from ctrserve.models.spec_inference import infer_spec
+
+    inferred = infer_spec(path, fmt, label, threshold)
+    print(f"column spec inferred from the first {inferred.sample_rows:,} rows of {path} "
+          "(--spec to give one):")
+    print(inferred.describe())
+    return inferred.spec.to_dict()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +146,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--out", required=True, help="checkpoint directory to write")
-    group.add_argument("--epochs", type=int, default=3)
+    group.add_argument("--seed", type=int, default=0,
+                       help="training seed: initialisation, shuffling, the values hidden as "
+                            "unknown, and LMA's and ROBE's hashes (not the split)")
+    group.add_argument("--epochs", type=int, default=3,
+                       help="the most epochs; the best validation epoch is kept")
+    group.add_argument("--patience", type=int, default=2,
+                       help="stop after this many epochs without a better validation AUC "
+                            "(0: run every epoch)")
     group.add_argument("--batch-size", type=int, default=512)
     group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MLPs)")
     group.add_argument("--embedding-lr", type=float, default=1e-2,
@@ -133,6 +165,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="values seen fewer times map to the out-of-vocabulary id")
     group.add_argument("--hash-buckets", type=int, default=0,
                        help="hash categorical values into this many ids instead of a vocabulary")
+    group.add_argument("--unknown-rate", type=float, default=0.1,
+                       help="share of training rows with values shown as unknown (missing or "
+                            "out-of-vocabulary), so the rows unseen values take in serving "
+                            "learn (0: none)")
     group.add_argument("--no-progress", action="store_true")
 
 
@@ -142,20 +178,25 @@ def run_train(args: argparse.Namespace) -> int:
 
     from .tables import print_metrics, print_tables
 
+    model = model_config(args)  # a flag its scheme has no setting for fails before any read
+    data = data_config(args)
     train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
         embedding_lr=args.embedding_lr, seed=args.seed, cache_rows=args.cache_rows,
-        device=args.device, progress=not args.no_progress,
+        device=args.device, progress=not args.no_progress, unknown_rate=args.unknown_rate,
     )
     transform_config = TransformConfig(
         min_frequency=args.min_frequency, hash_buckets=args.hash_buckets, hash_seed=args.seed
     )
-    result = fit(data_config(args), model_config(args), train_config, transform_config, args.out)
+    result = fit(data, model, train_config, transform_config, args.out)
     print_tables(result["tables"])
+    if result["stopped_early"]:
+        print(f"stopped after epoch {len(result['history'])}: no better validation AUC in "
+              f"{args.patience} epochs")
     for part in ("valid", "test"):
         if result["metrics"][part]:
             print_metrics(f"{part} (best epoch {result['best_epoch']})", result["metrics"][part])
-    print(f"checkpoint: {args.out}")
+    print(f"checkpoint: {args.out} (its column spec: {args.out}/spec.json)")
     return 0
 
 
@@ -170,19 +211,86 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ctrserve.models.evaluate import evaluate
 
-    from .tables import print_metrics
+    from .tables import print_metrics, print_unseen
 
     result = evaluate(
-        args.checkpoint, data_config(args) if args.data else None, args.part, args.predictions
+        args.checkpoint, data_config(args, infer_spec=False) if args.data else None, args.part,
+        args.predictions
     )
     if args.json:
         print(json.dumps(result, indent=2))
-    elif result["labeled"]:
+        return 0
+    if result["labeled"]:
         print_metrics(f"{result['part']} ({result['rows']:,} rows)", result)
     else:
         written = f"; predictions written to {args.predictions}" if args.predictions else ""
         print(f"{result['part']} ({result['rows']:,} rows): the data has no labels, so no "
               f"metrics{written}")
+    print_unseen(result["by_unseen_fields"])
+    return 0
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+",
+                        help="checkpoints of one model, one per training seed")
+    parser.add_argument("--against", nargs="+", required=True,
+                        help="checkpoints of the other model, the same seeds in the same order")
+    parser.add_argument("--part", choices=("train", "valid", "test"), default="test")
+    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ctrserve.models.bootstrap import Interval
+    from ctrserve.models.evaluate import compare
+
+    result = compare(args.checkpoints, args.against, args.part, args.replicates)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    interval = Interval(result["difference"], result["low"], result["high"])
+    verdict = ("the interval excludes zero: a difference" if interval.excludes_zero
+               else "the interval holds zero: no difference shown")
+    print(f"{result['part']} ({result['rows']:,} rows, {result['seeds']} seeds): AUC "
+          f"{result['auc'][0]:.4f} against {result['auc'][1]:.4f}; difference "
+          f"{interval.text().removesuffix(' ≈')} (95% paired bootstrap over rows and seeds): "
+          f"{verdict}")
+    return 0
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{infer}")
+    infer = actions.add_parser(
+        "infer", help="propose a column spec for a CSV or Parquet file",
+        description="Propose a column spec from the first rows of a CSV (with a header line) or "
+                    "Parquet file: the label by name (or --label), numbers dense unless "
+                    "integers with few values or named like an id, text categorical (hex "
+                    "detected), row ids ignored. Prints the reason for each column and the "
+                    "spec as JSON.")
+    infer.add_argument("data", help="CSV or Parquet file")
+    infer.add_argument("--format", choices=("csv", "parquet"),
+                       help="default: what the file's content shows")
+    infer.add_argument("--label", help="the label column (default: one named label, click, "
+                                       "y, target, ...)")
+    infer.add_argument("--label-threshold", type=float,
+                       help="label values of this and above are positive (e.g. 4 for ratings)")
+    infer.add_argument("--sample-rows", type=int, default=100_000,
+                       help="rows the columns are judged on")
+    infer.add_argument("--out", help="also write the spec to this file")
+
+
+def run_spec(args: argparse.Namespace) -> int:
+    from ctrserve.models.readers import sniff_format
+    from ctrserve.models.spec_inference import infer_spec
+
+    fmt = args.format or sniff_format(args.data)[0]
+    inferred = infer_spec(args.data, fmt, args.label, args.label_threshold, args.sample_rows)
+    print(f"{args.data}, first {inferred.sample_rows:,} rows:", file=sys.stderr)
+    print(inferred.describe(), file=sys.stderr)
+    print(json.dumps(inferred.spec.to_dict(), indent=2))
+    if args.out:
+        inferred.spec.save(args.out)
+        print(f"written to {args.out} (pass it with --spec)", file=sys.stderr)
     return 0
 
 
@@ -268,6 +376,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", help="package directory, e.g. repo/ctr/1")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"],
+                        help="also load the package as 'ctrserve serve' would with this provider "
+                             "and print where ONNX Runtime placed its nodes")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -275,7 +386,20 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     report, intact = describe(args.package)
     print(report, file=sys.stdout if intact else sys.stderr)
-    return 0 if intact else 1
+    if not intact or args.provider is None:
+        return 0 if intact else 1
+    from ctrserve.export.package import load_package
+    from ctrserve.service.placement import describe as describe_placement
+    from ctrserve.service.runtime import ModelLoadError, load_runtime
+
+    try:
+        runtime = load_runtime(load_package(args.package), args.provider)
+    except ModelLoadError as error:
+        print(f"ctrserve inspect: error: {error}", file=sys.stderr)
+        return 1
+    print(f"placement on {runtime.provider} ({runtime.device}), as ONNX Runtime recorded it:")
+    print(describe_placement(runtime.placement.to_dict()))
+    return 0
 
 
 def add_features_arguments(parser: argparse.ArgumentParser) -> None:
@@ -315,8 +439,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    benches = parser.add_subparsers(dest="bench", required=True, metavar="{accuracy,serve}")
+    benches = parser.add_subparsers(dest="bench", required=True,
+                                    metavar="{accuracy,serve,peers}")
     add_bench_serve_arguments(benches)
+    add_bench_peers_arguments(benches)
     accuracy = benches.add_parser(
         "accuracy", help="test AUC of every embedding scheme at byte budgets",
         description="Train and test every embedding scheme at byte budgets (fractions of the "
@@ -360,11 +486,33 @@ def add_bench_serve_arguments(benches) -> None:
     add_arguments(serve)
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    if args.bench == "serve":
-        from ctrserve.loadtest.extra import missing_for_serve
+def add_bench_peers_arguments(benches) -> None:
+    from ctrserve.loadtest.peer_options import add_arguments
 
-        missing = missing_for_serve()
+    peers = benches.add_parser(
+        "peers", help="the service beside a naive FastAPI endpoint, MLServer and BentoML: one "
+                      "run, the same client and model, every goal with its verdict",
+        description="Peer comparison: start each server in turn (the peers in pinned venvs "
+                    "created on demand), send each the same v2 JSON requests, and write "
+                    "results.json and report.md to OUT.")
+    add_arguments(peers)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "peers":
+        from ctrserve.loadtest.extra import PEERS_MODULES, missing_modules
+
+        missing = missing_modules(PEERS_MODULES)
+        if missing:
+            print(f"ctrserve bench peers: error: {missing}", file=sys.stderr)
+            return 1
+        from ctrserve.loadtest.peers import main as peers_main
+
+        return peers_main(args)
+    if args.bench == "serve":
+        from ctrserve.loadtest.extra import SERVE_MODULES, missing_modules
+
+        missing = missing_modules(SERVE_MODULES)
         if missing:
             print(f"ctrserve bench serve: error: {missing}", file=sys.stderr)
             return 1
@@ -388,8 +536,13 @@ COMMANDS: dict[str, Command] = {
                     "serve it", add_demo_arguments, run_demo),
     "generate": Command("write synthetic CTR data", add_generate_arguments, run_generate),
     "train": Command("train a CTR model and write a checkpoint", add_train_arguments, run_train),
-    "evaluate": Command("score a checkpoint on a data split: AUC, logloss, NE, calibration",
-                        add_evaluate_arguments, run_evaluate),
+    "evaluate": Command("score a checkpoint on a data split: AUC, logloss, NE, calibration, "
+                        "and by the number of values unseen in training", add_evaluate_arguments,
+                        run_evaluate),
+    "compare": Command("test AUC of two models over seeds, with a paired bootstrap interval",
+                       add_compare_arguments, run_compare),
+    "spec": Command("column specs: propose one for a CSV or Parquet file", add_spec_arguments,
+                    run_spec),
     "export": Command("turn a checkpoint into an ONNX model package in a model repository",
                       add_export_arguments, run_export),
     "inspect": Command("describe a model package and verify its files",

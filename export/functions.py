@@ -20,6 +20,12 @@ Which scheme's table becomes which node is ``table_nodes.py``.
 | LMAGather        | ``default``         | memory, signatures, coefficients          |
 | ROBEGather       | ``default``         | memory, coefficients, block               |
 
+Every op of every body has a CUDA kernel in the pinned ONNX Runtime for the types it meets
+(``tests/test_gpu_runtime.py`` checks each against ONNX Runtime's kernel table), so a CUDA session
+runs the bodies on the GPU: bit unpacking is integer ``Div`` and ``Mod``, not ``BitShift`` and
+``BitwiseAnd``, which have no CUDA kernel. The ``Gather`` nodes that read rows of a stored tensor
+are named ``lookup`` (``Body.lookup``): the server checks those run on the GPU.
+
 Scalar constants inside the bodies (the prime, digit bases, axes) are code, not table data; every
 tensor a table stores is a graph initializer fed to its node and counted. Lengths of stored
 tensors are taken with ``Shape``, not ``Size``: with ``Size`` of a 13 MB shared memory, creating
@@ -36,6 +42,8 @@ from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper, 
 
 from ctrserve.models.embeddings.robe import DIGIT_BASE
 from ctrserve.models.embeddings.shared_memory import PRIME
+
+from .package import LOOKUP_NODE
 
 DOMAIN = "ctrserve"
 DOMAIN_VERSION = 1
@@ -56,6 +64,13 @@ class Body:
         name = output or f"{self.prefix}{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attributes))
         return name
+
+    def lookup(self, table: str, indices: str, output: str | None = None) -> str:
+        """``Gather(table, indices, axis=0)``: rows of a stored tensor, in a node named as a
+        lookup (``LOOKUP_NODE``)."""
+        gathered = self.op("Gather", table, indices, output=output, axis=0)
+        self.nodes[-1].name = f"{LOOKUP_NODE}{self._count}"
+        return gathered
 
     def const(self, value: int | float | Sequence[int], dtype=np.int64) -> str:
         return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype=dtype)))
@@ -85,7 +100,7 @@ def _function(op_type: str, overload: str, inputs: list[str], body: Body,
 def hash_gather() -> FunctionProto:
     body = Body("h")
     rows = body.op("Mod", "ids", "buckets")
-    body.op("Gather", "weight", rows, output="embedding", axis=0)
+    body.lookup("weight", rows, output="embedding")
     return _function("HashGather", "default", ["ids", "weight", "buckets"], body)
 
 
@@ -100,7 +115,7 @@ def qr_gather(operation: str, partitions: int) -> FunctionProto:
         radix = body.op("Gather", "radices", body.const(j), axis=0)
         quotient = "ids" if place is None else body.op("Div", "ids", place)
         digit = body.op("Mod", quotient, radix)
-        parts.append(body.op("Gather", weight, digit, axis=0))
+        parts.append(body.lookup(weight, digit))
         place = radix if place is None else body.op("Mul", place, radix)
     if operation == "concat":
         body.op("Concat", *parts, output="embedding", axis=-1)
@@ -117,23 +132,24 @@ def qr_gather(operation: str, partitions: int) -> FunctionProto:
 def pruned_gather() -> FunctionProto:
     """PEP's packed rows: a row's kept values lie at ``values[offsets[id]:offsets[id + 1]]`` in
     column order, and bit ``j % 8`` of byte ``j // 8`` of ``mask_bits[id]`` says whether column
-    ``j`` was kept; dropped columns are zero."""
+    ``j`` was kept; dropped columns are zero. The bits are unpacked in int64 arithmetic,
+    ``(byte // 2**k) mod 2`` for k = 0..7: exact for every byte, and ``Div`` and ``Mod`` on int64
+    have CUDA kernels where the bitwise ops do not."""
     body = Body("p")
-    bits = body.op("Gather", "mask_bits", "ids", axis=0)  # uint8 [N, B]
-    shifted = body.op("BitShift", body.op("Unsqueeze", bits, body.const([-1])),
-                      body.const(list(range(8)), np.uint8), direction="RIGHT")
-    flags = body.op("BitwiseAnd", shifted, body.const(1, np.uint8))  # [N, B, 8]
+    bits = body.op("Cast", body.lookup("mask_bits", "ids"), to=TensorProto.INT64)  # [N, B]
+    places = body.const([1 << k for k in range(8)])
+    shifted = body.op("Div", body.op("Unsqueeze", bits, body.const([-1])), places)
+    flags = body.op("Mod", shifted, body.const(2))  # int64 0/1 [N, B, 8]
     rows = body.op("Shape", "ids")
     columns = body.op("Reshape", flags, body.op("Concat", rows, body.const([-1]), axis=0))
-    flags = body.op("Slice", columns, body.const([0]), "dim", body.const([1]))  # [N, D]
-    counts = body.op("Cast", flags, to=TensorProto.INT64)
-    kept = body.op("Cast", flags, to=TensorProto.BOOL)
+    counts = body.op("Slice", columns, body.const([0]), "dim", body.const([1]))  # [N, D]
+    kept = body.op("Cast", counts, to=TensorProto.BOOL)
     rank = body.op("CumSum", counts, body.const(1), exclusive=1)
-    starts = body.op("Cast", body.op("Gather", "offsets", "ids", axis=0), to=TensorProto.INT64)
+    starts = body.op("Cast", body.lookup("offsets", "ids"), to=TensorProto.INT64)
     index = body.op("Add", body.op("Unsqueeze", starts, body.const([1])), rank)
     # A dropped column after a row's last kept value may point past the end: clamp, then mask.
     last = body.op("Sub", body.op("Shape", "values"), body.const(1))
-    gathered = body.op("Gather", "values", body.op("Min", index, last), axis=0)
+    gathered = body.lookup("values", body.op("Min", index, last))
     body.op("Where", kept, gathered, body.const(0.0, np.float32), output="embedding")
     return _function("PrunedGather", "packed", ["ids", "values", "offsets", "mask_bits", "dim"],
                      body)
@@ -151,10 +167,10 @@ def pruned_gather_empty() -> FunctionProto:
 def quantized_gather_int8() -> FunctionProto:
     """Row-wise int8: ``offset[id] + scale[id] * codes[id]``."""
     body = Body("i")
-    codes = body.op("Cast", body.op("Gather", "codes", "ids", axis=0), to=TensorProto.FLOAT)
+    codes = body.op("Cast", body.lookup("codes", "ids"), to=TensorProto.FLOAT)
     axis = body.const([1])
-    scale = body.op("Unsqueeze", body.op("Gather", "scale", "ids", axis=0), axis)
-    offset = body.op("Unsqueeze", body.op("Gather", "offset", "ids", axis=0), axis)
+    scale = body.op("Unsqueeze", body.lookup("scale", "ids"), axis)
+    offset = body.op("Unsqueeze", body.lookup("offset", "ids"), axis)
     body.op("Add", offset, body.op("Mul", scale, codes), output="embedding")
     return _function("QuantizedGather", "int8", ["ids", "codes", "scale", "offset"], body,
                      attributes=("kind",))
@@ -162,8 +178,7 @@ def quantized_gather_int8() -> FunctionProto:
 
 def quantized_gather_fp16() -> FunctionProto:
     body = Body("f")
-    body.op("Cast", body.op("Gather", "weight", "ids", axis=0), output="embedding",
-            to=TensorProto.FLOAT)
+    body.op("Cast", body.lookup("weight", "ids"), output="embedding", to=TensorProto.FLOAT)
     return _function("QuantizedGather", "fp16", ["ids", "weight"], body, attributes=("kind",))
 
 
@@ -176,8 +191,7 @@ def lma_gather() -> FunctionProto:
     """Coordinate ``j`` of an id reads ``memory[((a_j s + c_j) mod PRIME) mod |M|]`` with ``s``
     the id's minhash ``j mod K``."""
     body = Body("l")
-    signature = body.op("Cast", body.op("Gather", "signatures", "ids", axis=0),
-                        to=TensorProto.INT64)  # [N, K]
+    signature = body.op("Cast", body.lookup("signatures", "ids"), to=TensorProto.INT64)  # [N, K]
     dim = body.op("Gather", body.op("Shape", "coefficients"), body.const(0), axis=0)
     minhashes = body.op("Gather", body.op("Shape", "signatures"), body.const(1), axis=0)
     which = body.op("Mod", _coordinates(body, dim), minhashes)
@@ -186,7 +200,7 @@ def lma_gather() -> FunctionProto:
     c = body.op("Gather", "coefficients", body.const(1), axis=1)
     hashed = body.op("Mod", body.op("Add", body.op("Mul", minhash, a), c), body.const(PRIME))
     locations = body.op("Mod", hashed, body.op("Shape", "memory"))
-    body.op("Gather", "memory", locations, output="embedding", axis=0)
+    body.lookup("memory", locations, output="embedding")
     return _function("LMAGather", "default", ["ids", "memory", "signatures", "coefficients"], body)
 
 
@@ -212,7 +226,7 @@ def robe_gather() -> FunctionProto:
     coordinates = _coordinates(body, body.attribute_int("dim"))
     start = body.op("Gather", starts, body.op("Div", coordinates, block), axis=1)  # [N, D]
     locations = body.op("Mod", body.op("Add", start, body.op("Mod", coordinates, block)), size)
-    body.op("Gather", "memory", locations, output="embedding", axis=0)
+    body.lookup("memory", locations, output="embedding")
     return _function("ROBEGather", "default", ["ids", "memory", "coefficients", "block"], body,
                      attributes=("dim",))
 

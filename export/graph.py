@@ -6,9 +6,10 @@ int64 [N, n_tables] (ids after the feature transform). Output: ``probability`` f
 Every table's stored tensors (``EmbeddingTable.inference_tensors``) become initializers named
 ``<table>/<tensor>``, in their stored dtypes; the memory shared by LMA (or ROBE) tables is one
 initializer ``shared/<scheme>/memory`` fed to all of them. A table becomes its scheme's node
-(``table_nodes.py``): a standard ``Gather`` for a full table, one ``ctrserve`` node calling a
-model-local function (``functions.py``) for every compressed table. The MLPs and DLRM's pairwise
-interaction are standard ops with initializers under ``dense/``.
+(``table_nodes.py``): a standard ``Gather`` for a full table, named ``<table>/lookup`` like the
+gathers of the function bodies (the server checks those run on the GPU), one ``ctrserve`` node
+calling a model-local function (``functions.py``) for every compressed table. The MLPs and
+DLRM's pairwise interaction are standard ops with initializers under ``dense/``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ctrserve.models.embeddings.constants import FLOAT32_BYTES
 from ctrserve.models.embeddings.shared_memory import SharedMemoryTable
 
 from .functions import DOMAIN, DOMAIN_VERSION, OPSET
+from .package import LOOKUP_NODE
 from .table_nodes import IDS, TableNode, scheme_export
 
 #: IR version 10 is the first with function overloads.
@@ -89,6 +91,8 @@ def _table_node(graph: GraphBuilder, name: str, table: EmbeddingTable, ids: str,
     output = graph.op(node.op_type, *(inputs[key] for key in node.inputs),
                       output=f"{name}/embedding", domain=node.domain, overload=node.overload,
                       **node.attributes)
+    if not node.overload:  # a standard op reading the table's rows itself: the lookup
+        graph.nodes[-1].name = f"{name}/{LOOKUP_NODE}"
     stored = [inputs[key] for key in node.inputs if key != IDS]
     return output, TableExport(name, table.scheme, node.op_type, stored, memory, share), node
 

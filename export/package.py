@@ -30,6 +30,11 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 TRANSFORM_DIR = "transform"
+#: The name of every graph node that reads rows of a stored table (an embedding gather, in the
+#: graph or in a function body): the server checks these run on the GPU
+#: (``service/placement.py``). ONNX Runtime keeps a body node's name, with a prefix, when it
+#: inlines the function.
+LOOKUP_NODE = "lookup"
 _HASH_CHUNK = 1 << 20
 #: Model names, one rule for the exporter and the server: a plain directory name of letters,
 #: digits, ``_``, ``.`` and ``-`` (no separators, spaces or leading dot), at most 128 characters.

@@ -7,6 +7,9 @@
   ``parse_only`` app and a server that does no work (nginx or ``null_server``);
 - ``driver`` with ``options``, ``report`` and ``profiles``: ``ctrserve bench serve``;
   ``extra`` checks the bench extra before it runs;
+- ``peers`` with ``peer_options``, ``peer_report``, ``peer_venvs`` and the peers' own server
+  code in ``peer_servers``: ``ctrserve bench peers``, the service beside a naive FastAPI
+  endpoint, MLServer and BentoML;
 - ``ceiling``, ``decode_cost``: in-process costs (the session, the transform, JSON decoding);
 - ``overload``: twice the capacity for a minute (``docs/reliability.md``); ``memory_scale``:
   packages at Criteo's real table sizes;

@@ -3,9 +3,9 @@ import before it imports any of them, so that a base install gets one line namin
 instead of a traceback.
 
 ``ctrserve bench serve`` needs aiohttp (the generator's second client, imported by ``load.py``)
-and matplotlib (the report's plots). The extra's other two parts are not Python modules this
-package imports: locust runs ``locustfile.py`` as its own program, and py-spy is a program the
-``profile`` experiment skips when it is absent.
+and matplotlib (the report's plots); ``ctrserve bench peers`` needs aiohttp only. The extra's
+other two parts are not Python modules this package imports: locust runs ``locustfile.py`` as
+its own program, and py-spy is a program the profiles skip when it is absent.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from __future__ import annotations
 import importlib
 
 SERVE_MODULES = ("aiohttp", "matplotlib")
+PEERS_MODULES = ("aiohttp",)
 INSTALL = "pip install 'ctrserve[bench]'"
 
 
-def missing_for_serve() -> str | None:
-    """One line naming the modules of ``SERVE_MODULES`` that do not import and the command that
-    installs them; None when all of them import."""
+def missing_modules(modules: tuple[str, ...]) -> str | None:
+    """One line naming those of ``modules`` that do not import and the command that installs
+    them; None when all of them import."""
     missing = []
-    for name in SERVE_MODULES:
+    for name in modules:
         try:
             importlib.import_module(name)
         except ImportError:

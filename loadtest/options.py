@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-APIS = ("v2-binary", "columns", "rows")
+APIS = ("v2-binary", "v2-json", "columns", "rows")
 EXPERIMENTS = ("ceiling", "generator", "closed", "single", "open", "grid", "profile")
 DEFAULT_EXPERIMENTS = ("ceiling", "generator", "closed", "single", "open", "grid")
 

@@ -8,6 +8,8 @@ missing. The same rows are then written in each API's body:
 - ``v2-binary``: Open Inference Protocol v2 with Triton's binary tensor extension, the model's
   tensors ``dense`` FP32 [R, n_dense] and ``sparse`` INT64 [R, n_tables] after the package's
   transform (done here, once), and the probabilities asked for as binary data;
+- ``v2-json``: the same tensors as v2 JSON data (dense values to 5 decimals, as a client writes
+  them), the probabilities answered as JSON: the body every server of ``bench peers`` reads;
 - ``columns``: the friendly JSON API, raw features as columns (``{"columns": {...}}``);
 - ``rows``: the friendly JSON API, raw features as rows of objects (``{"rows": [...]}``).
 
@@ -38,7 +40,7 @@ MISSING_SHARE = 0.05
 
 def route(api: str, model: str) -> str:
     """The URL path each API's requests go to."""
-    if api == "v2-binary":
+    if api in ("v2-binary", "v2-json"):
         return f"/v2/models/{model}/infer"
     if api in ("columns", "rows"):
         return f"/v1/models/{model}/score"
@@ -91,6 +93,9 @@ class RowPool:
         if api == "v2-binary":
             data, headers = v2_binary_body(self.dense[index], self.sparse[index],
                                            self.transform.n_dense > 0)
+        elif api == "v2-json":
+            data = v2_json_body(self.dense[index], self.sparse[index], self.transform.n_dense > 0)
+            headers = {"Content-Type": "application/json"}
         elif api == "columns":
             data = orjson.dumps({"columns": {name: [values[i] for i in index]
                                              for name, values in self.columns.items()}})
@@ -133,6 +138,18 @@ def v2_binary_body(dense: np.ndarray, sparse: np.ndarray,
         {"name": "probability", "parameters": {"binary_data": True}}]})
     return b"".join([header, *blobs]), {HEADER_LENGTH: str(len(header)),
                                         "Content-Type": "application/octet-stream"}
+
+
+def v2_json_body(dense: np.ndarray, sparse: np.ndarray, with_dense: bool = True) -> bytes:
+    """A v2 infer body with the model's tensors as JSON data, the answer asked for as JSON."""
+    n = len(sparse)
+    inputs = []
+    if with_dense:
+        inputs.append({"name": "dense", "datatype": "FP32", "shape": [n, dense.shape[1]],
+                       "data": np.round(dense.astype(np.float64), 5).ravel().tolist()})
+    inputs.append({"name": "sparse", "datatype": "INT64", "shape": [n, sparse.shape[1]],
+                   "data": sparse.ravel().tolist()})
+    return orjson.dumps({"inputs": inputs})
 
 
 def candidate_counts(rng: np.random.Generator, count: int, mean: float = 270.0,

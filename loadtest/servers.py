@@ -3,12 +3,14 @@
 Every server (the service, the parse-only app, nginx ``return 200`` or the Python null server
 where nginx is absent, or any command given to ``ServerProcess``) runs on a free loopback port,
 pinned to a core with ``taskset`` when asked, in its own process group; the wait until it is
-ready is bounded, its CPU time and resident memory are those of the whole group, and it is
-stopped by process group id.
+ready is bounded, its CPU time and memory are those of its processes (the group and any
+descendant that left it: some servers start workers in sessions of their own), and it is
+stopped by process group id, then any descendant left over is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,9 +45,11 @@ def pinned(command: list[str], cpu: int | None) -> list[str]:
     return [taskset, "-c", str(cpu), *command]
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The live processes of a process group (from ``/proc/<pid>/stat``)."""
-    pids = []
+def server_pids(pgid: int) -> list[int]:
+    """The live processes of a server that leads process group ``pgid``: the group's members
+    and every descendant of them (by parent PID), whatever group it moved to."""
+    parents: dict[int, int] = {}
+    members = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -54,9 +58,29 @@ def group_pids(pgid: int) -> list[int]:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
-            pids.append(int(entry))
-    return pids
+        parents[int(entry)] = int(fields[1])
+        if int(fields[2]) == pgid:
+            members.add(int(entry))
+    found = set(members)
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return sorted(found)
+
+
+def proportional_bytes(pid: int) -> int:
+    """Proportional set size of one process (``Pss`` in ``/proc/PID/smaps_rollup``: each page
+    it maps counted as its share among the processes that map it; 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,16 +105,6 @@ def resident_bytes(pid: int) -> int:
     return 0
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User plus system CPU seconds of every live process in the process group."""
-    return sum(cpu_seconds(pid) for pid in group_pids(pgid))
-
-
-def group_resident_bytes(pgid: int) -> int:
-    """Resident set size of every live process in the process group, summed."""
-    return sum(resident_bytes(pid) for pid in group_pids(pgid))
-
-
 def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM to ``process``'s group (it leads one: ``start_new_session``), SIGKILL after
     ``timeout`` seconds, and wait for it."""
@@ -102,6 +116,31 @@ def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=timeout)
+
+
+def kill_left_over(pids: list[int], timeout: float = 15) -> None:
+    """SIGTERM to those of ``pids`` still alive (a server's descendants that left its process
+    group, found before it was stopped), SIGKILL to any left after ``timeout`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [pid for pid in pids if _alive(pid)]
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [pid for pid in alive if _alive(pid)]
+        if not alive:
+            return
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class ServerProcess:
@@ -158,12 +197,12 @@ class ServerProcess:
         raise TimeoutError(f"{self.kind} was not ready within {timeout} s:\n{self.log()}")
 
     def cpu_seconds(self) -> float:
-        """CPU seconds of the server's process group so far."""
-        return group_cpu_seconds(self.pid)
+        """CPU seconds of the server's live processes so far."""
+        return sum(cpu_seconds(pid) for pid in server_pids(self.pid))
 
     def resident_bytes(self) -> int:
-        """Resident memory of the server's process group now."""
-        return group_resident_bytes(self.pid)
+        """Resident memory of the server's processes now, summed."""
+        return sum(resident_bytes(pid) for pid in server_pids(self.pid))
 
     def log(self) -> str:
         """The last 5,000 characters the server wrote."""
@@ -173,7 +212,9 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.process is not None:
+            left_over = server_pids(self.process.pid) if self.process.poll() is None else []
             stop_group(self.process)
+            kill_left_over(left_over)
         if self._log is not None:
             self._log.close()
 
@@ -191,19 +232,23 @@ class ServerProcess:
 
 
 class ServiceServer(ServerProcess):
-    """``ctrserve serve`` with one model version, one worker and one ONNX Runtime thread."""
+    """``ctrserve serve`` with one model version; by default with one worker and one ONNX
+    Runtime thread (the benchmarks' protocol: the server pinned to one core), with
+    ``defaults=True`` at the service's own defaults (its workers, threads and log level)."""
 
     kind = "service"
     ready_path = "/v2/health/ready"
 
     def __init__(self, package: str | Path, flags: list[str] | tuple[str, ...] = (),
                  cpu: int | None = None, log_dir: str | Path | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, defaults: bool = False) -> None:
         package = Path(package).resolve()
         port = free_port()
+        protocol = [] if defaults else ["--workers", "1", "--intra-op-threads", str(threads),
+                                        "--log-level", "warning"]
         command = [sys.executable, "-m", "ctrserve", "serve", "--repo", str(package.parents[1]),
                    "--models", package.parent.name, "--host", HOST, "--port", str(port),
-                   "--intra-op-threads", str(threads), "--log-level", "warning", *flags]
+                   *protocol, *flags]
         env = {"CTRSERVE_VERSIONS": f'{{"{package.parent.name}": {int(package.name)}}}'}
         super().__init__(command, cpu, env, log_dir, port)
         self.model = package.parent.name

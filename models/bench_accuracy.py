@@ -13,8 +13,11 @@ run resumes; ``rerun`` forces cells to be trained again), and cells of one schem
 resolve to the same settings are trained once. Outputs in ``<out>``: ``report.json`` (every
 cell and the aggregate rows), ``report.md`` and ``auc_vs_bytes.png``.
 
-Spread: each row shows the mean and the min–max over seeds. A difference between two rows whose
-seed ranges overlap is not a result; the ΔAUC table marks those with ≈.
+Each cell also keeps its test predictions (``seed<k>.npz`` beside its JSON). Spread: each row
+shows the mean and the min–max over seeds; every difference the report states, against the full
+model and against hashing at the same budget, comes with a 95% paired bootstrap interval over
+test rows and seeds (``bootstrap.py``). A difference whose interval holds zero is not a result;
+the tables mark it with ≈.
 """
 
 from __future__ import annotations
@@ -33,16 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .bootstrap import Interval, PairedBootstrap
 from .budget import Fit, fit_pep_keep, full_bytes
 from .data import DataConfig
 from .dlrm import ModelConfig
-from .embeddings.scheme_settings import (
-    EmbeddingConfig,
-    FullSettings,
-    PEPSettings,
-    SchemeSettings,
-    SharedMemorySettings,
-)
+from .embeddings.scheme_settings import FullSettings, PEPSettings, SchemeSettings
 from .schemes import SCHEMES, scheme_of
 from .train import fit
 from .trainer import TrainConfig
@@ -119,6 +117,10 @@ class Cell:
     def path(self, cells: Path) -> Path:
         return cells / self.scheme / self.budget.slug / f"seed{self.seed}.json"
 
+    def predictions_path(self, cells: Path) -> Path:
+        """The test labels and probabilities (``labels``, ``probabilities``), in row order."""
+        return self.path(cells).with_suffix(".npz")
+
     def matches(self, pattern: str) -> bool:
         """``scheme[:budget[:seed]]``, e.g. ``hash``, ``hash:1/4``, ``hash:1/4:0``."""
         parts = pattern.split(":")
@@ -174,22 +176,15 @@ def plan(bench: BenchConfig, names: list[str], sizes: list[int], dim: int) -> li
     return cells
 
 
-def with_seed(config: EmbeddingConfig, seed: int) -> EmbeddingConfig:
-    """The shared-memory schemes' hashes follow the training seed."""
-    def seeded(settings: SchemeSettings) -> SchemeSettings:
-        if isinstance(settings, SharedMemorySettings):
-            return replace(settings, seed=seed)
-        return settings
-
-    return EmbeddingConfig(default=seeded(config.default),
-                           tables={name: seeded(s) for name, s in config.tables.items()})
-
-
-def train_job(job: Job) -> dict:
-    """Trains and tests one configuration; the checkpoint is thrown away."""
+def train_job(job: Job) -> tuple[dict, dict[str, np.ndarray]]:
+    """Trains and tests one configuration (the shared-memory hashes follow the training seed,
+    as in every training); the checkpoint is thrown away. Returns the measures and the test
+    labels and probabilities."""
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         result = fit(job.data, job.model, job.train, job.transform, scratch)
     tables = result["tables"]
+    predictions = {"labels": result["test_labels"].astype(np.uint8),
+                   "probabilities": result["test_probabilities"].astype(np.float32)}
     return {
         **{name: float(result["metrics"]["test"][name]) for name in METRICS},
         "valid_auc": float(result["metrics"]["valid"]["auc"]),
@@ -202,7 +197,7 @@ def train_job(job: Job) -> dict:
         "full_bytes": sum(t["full_bytes"] for t in tables),
         "tables": [{k: t[k] for k in ("table", "scheme", "settings", "rows", "parameters",
                                       "bytes")} for t in tables],
-    }
+    }, predictions
 
 
 def cell_record(cell: Cell, job: Job, measured: dict) -> dict:
@@ -236,25 +231,30 @@ def run_benchmark(bench: BenchConfig, data: DataConfig, model: ModelConfig,
         if not cell.fit.reachable:
             continue
         assert cell.fit.embeddings is not None
-        job = Job(data, replace(model, embeddings=with_seed(cell.fit.embeddings, cell.seed)),
+        job = Job(data, replace(model, embeddings=cell.fit.embeddings),
                   replace(train, seed=cell.seed), transform)
         cached = _load(cell.path(bench.cells))
         forced = any(cell.matches(pattern) for pattern in bench.rerun)
-        if cached is not None and cached["key"] == job.key() and not forced:
+        if (cached is not None and cached["key"] == job.key() and not forced
+                and cell.predictions_path(bench.cells).is_file()):
             records[cell.id] = cached
             continue
         pending.setdefault(json.dumps(job.key(), sort_keys=True), (job, []))[1].append(cell)
-    for done, (job, group, measured) in enumerate(_train_all(pending.values(), bench.jobs), 1):
+    for done, (job, group, (measured, predictions)) in enumerate(
+            _train_all(pending.values(), bench.jobs), 1):
         for cell in group:
             record = cell_record(cell, job, measured)
             path = cell.path(bench.cells)
             path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cell.predictions_path(bench.cells), labels=predictions["labels"],
+                     probabilities=predictions["probabilities"])
             path.write_text(json.dumps(record, indent=1) + "\n")
             records[cell.id] = record
         print(f"[{done}/{len(pending)}] {', '.join(f'{c.scheme} {c.budget.label}' for c in group)}"
               f" seed {group[0].seed}: AUC {measured['auc']:.4f}, {measured['bytes']:,} bytes, "
               f"{measured['total_seconds']:.1f} s", flush=True)
     report = build_report(bench, data, model, train, transform, names, sizes, cells, records)
+    report["intervals"] = intervals(report["rows"], cells, bench)
     write_report(report, bench.out)
     return {**report, "trained": len(pending)}
 
@@ -264,7 +264,7 @@ def _load(path: Path) -> dict | None:
 
 
 def _train_all(jobs: Iterable[tuple[Job, list[Cell]]], workers: int
-               ) -> Iterable[tuple[Job, list[Cell], dict]]:
+               ) -> Iterable[tuple[Job, list[Cell], tuple[dict, dict[str, np.ndarray]]]]:
     """Trainings in this process (``workers`` 1) or in a pool, as they finish."""
     jobs = list(jobs)
     if workers <= 1:
@@ -327,6 +327,46 @@ def build_report(bench: BenchConfig, data: DataConfig, model: ModelConfig, train
     }
 
 
+#: The rows every other row is compared with, at the same budget (``full``: at any budget).
+BASELINES = ("full", "hash")
+
+
+def intervals(rows: list[dict], cells: list[Cell], bench: BenchConfig) -> list[dict]:
+    """Each row run with every seed against each baseline run with every seed (the full model;
+    hashing at the same budget): the difference in mean test AUC and its 95% paired bootstrap
+    interval over test rows and seeds."""
+    paths = {cell.id: cell.predictions_path(bench.cells) for cell in cells}
+    complete = [row for row in rows if sorted(row["seeds"]) == sorted(bench.seeds)]
+    predictions: dict[tuple[str, str], np.ndarray] = {}
+    labels = None
+    for row in complete:
+        per_seed = []
+        for seed in bench.seeds:
+            with np.load(paths[(row["scheme"], row["budget"], seed)]) as arrays:
+                if labels is None:
+                    labels = arrays["labels"]
+                elif not np.array_equal(labels, arrays["labels"]):
+                    raise RuntimeError(f"{row['scheme']} {row['budget']} seed {seed} was "
+                                       "tested on other rows than the rest")
+                per_seed.append(arrays["probabilities"])
+        predictions[(row["scheme"], row["budget"])] = np.stack(per_seed)
+    if labels is None:
+        return []
+    bootstrap = PairedBootstrap(labels, len(bench.seeds))
+    replicates = {key: bootstrap.auc_replicates(values) for key, values in predictions.items()}
+    found = []
+    for scheme, budget in predictions:
+        for baseline in BASELINES:
+            against = (baseline, FULL.label if baseline == "full" else budget)
+            if scheme == baseline or against not in predictions:
+                continue
+            interval = bootstrap.interval(predictions[(scheme, budget)], predictions[against],
+                                          replicates[(scheme, budget)], replicates[against])
+            found.append({"scheme": scheme, "budget": budget, "against": baseline,
+                          **interval.to_dict()})
+    return found
+
+
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -348,25 +388,26 @@ def _range_text(spread: dict, digits: int = 4) -> str:
     return f"{spread['mean']:.{digits}f} ({spread['min']:.{digits}f}–{spread['max']:.{digits}f})"
 
 
-def _overlaps(a: dict, b: dict) -> bool:
-    return a["min"] <= b["max"] and b["min"] <= a["max"]
-
-
 def markdown(report: dict) -> str:
     full_bytes_ = report["full_bytes"]
-    full_auc = report["full_auc"]
+    found = _intervals_by_key(report)
     lines = [
         f"# Accuracy against embedding memory: {report['name']}",
         "",
         f"Data: `{report['data']['path']}`"
+        + (f", valid `{report['data']['valid_path']}`" if report["data"]["valid_path"] else "")
         + (f", test `{report['data']['test_path']}`" if report["data"]["test_path"] else "")
-        + f" ({report['data']['split']} split, fractions {report['data']['fractions']}).",
+        + f" ({report['data']['split']} split, fractions {report['data']['fractions']}, split "
+        f"seed {report['data']['split_seed']}).",
         f"Model: {report['model']['kind']}, D = {report['model']['dim']}, bottom "
         f"{report['model']['bottom']}, top {report['model']['top']}. Training: epochs "
-        f"{report['train']['epochs']} (the best validation AUC kept), batch "
-        f"{report['train']['batch_size']}, lr {report['train']['lr']}, embedding lr "
-        f"{report['train']['embedding_lr']}; PEP drift {report['drift']}. Seeds "
-        f"{report['seeds']}: mean (min–max).",
+        f"{report['train']['epochs']} at most (patience {report['train']['patience']}; the best "
+        f"validation AUC kept), batch {report['train']['batch_size']}, lr "
+        f"{report['train']['lr']}, embedding lr {report['train']['embedding_lr']}, unknown "
+        f"values {report['train']['unknown_rate']}; PEP drift {report['drift']}. Seeds "
+        f"{report['seeds']}: mean (min–max). ΔAUC: the difference in mean test AUC with its 95% "
+        "paired bootstrap interval over test rows and seeds; ≈: the interval holds zero, so the "
+        "difference is not a result.",
         f"{len(report['tables'])} tables, {sum(report['tables'].values()):,} rows; full fp32 "
         f"tables {_bytes_text(full_bytes_)} ({full_bytes_:,} bytes). Bytes: everything the "
         "tables need at inference. Parameters: stored values (PEP: non-zero values). "
@@ -387,36 +428,51 @@ def markdown(report: dict) -> str:
                          "not run yet | | | | | | | |")
             continue
         stored = row["bytes"]["mean"]
-        delta = "" if full_auc is None or row["scheme"] == "full" else _delta_text(row, full_auc)
+        delta = _delta_text(found, row["scheme"], row["budget"], "full")
         lines.append(
             f"| {row['scheme']} | {row['budget']} | {row['settings']} | {_bytes_text(stored)} | "
             f"{row['parameters']['mean']:,.0f} | {full_bytes_ / stored:.2f}x | "
             f"{_range_text(row['auc'])} | {delta} | {_range_text(row['logloss'])} | "
             f"{_range_text(row['ne'])} | {row['total_seconds']['mean']:.1f} |")
-    lines += ["", *_delta_table(report), ""]
-    return "\n".join(lines)
+    for baseline in BASELINES:
+        lines += ["", *_delta_table(report, found, baseline)]
+    return "\n".join([*lines, ""])
 
 
-def _delta_text(row: dict, full_auc: dict) -> str:
-    text = f"{row['auc']['mean'] - full_auc['mean']:+.4f}".replace("-0.0000", "+0.0000")
-    return text + " ≈" if _overlaps(row["auc"], full_auc) else text
+def _intervals_by_key(report: dict) -> dict[tuple[str, str, str], Interval]:
+    return {(i["scheme"], i["budget"], i["against"]): Interval(i["difference"], i["low"],
+                                                              i["high"])
+            for i in report.get("intervals", [])}
 
 
-def _delta_table(report: dict) -> list[str]:
-    """Mean ΔAUC against the full model, by scheme and budget (≈: seed ranges overlap)."""
-    full_auc = report["full_auc"]
+def _delta_text(found: dict[tuple[str, str, str], Interval], scheme: str, budget: str,
+                against: str) -> str:
+    """The interval against ``against``, or '' where there is none (the baseline itself, a
+    row or baseline not run with every seed)."""
+    interval = found.get((scheme, budget, against))
+    return "" if interval is None else interval.text().replace("-0.0000", "+0.0000")
+
+
+def _delta_table(report: dict, found: dict[tuple[str, str, str], Interval],
+                 against: str) -> list[str]:
+    """ΔAUC against ``against`` (the full model, or hashing at the same budget), by scheme and
+    budget, with the 95% paired bootstrap intervals."""
+    schemes = [scheme for scheme in dict.fromkeys(r["scheme"] for r in report["rows"])
+               if scheme not in ("full", against)]
     budgets = list(dict.fromkeys(r["budget"] for r in report["rows"] if r["scheme"] != "full"))
-    if full_auc is None or not budgets:
+    if not any(key[2] == against for key in found) or not budgets:
         return []
+    title = ("the full model" if against == "full"
+             else "hashing at the same budget (positive: ahead of hashing)")
     lines = [
-        f"ΔAUC against the full model (AUC {_range_text(full_auc)}); ≈: the seed ranges "
-        "overlap, so the difference is not a result; –: unreachable.",
+        f"ΔAUC against {title}, with the 95% paired bootstrap interval over test rows and "
+        "seeds; ≈: the interval holds zero, so the difference is not a result; –: unreachable.",
         "",
         "| scheme | " + " | ".join(budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
     by_key = {(r["scheme"], r["budget"]): r for r in report["rows"]}
-    for scheme in dict.fromkeys(r["scheme"] for r in report["rows"] if r["scheme"] != "full"):
+    for scheme in schemes:
         cells = []
         for budget in budgets:
             row = by_key.get((scheme, budget))
@@ -425,7 +481,8 @@ def _delta_table(report: dict) -> list[str]:
             elif not row["reachable"]:
                 cells.append("–")
             else:
-                cells.append(_delta_text(row, full_auc) if "auc" in row else "not run")
+                missing = "not run" if against == "full" else ""
+                cells.append(_delta_text(found, scheme, budget, against) or missing)
         lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     return lines
 

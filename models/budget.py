@@ -27,7 +27,8 @@ take the most bytes not above the budget, by searching the scheme's knob:
 - ``full``: the full tables, when they fit.
 
 Where even the most aggressive setting exceeds the budget the fit is unreachable, with the reason
-and the fewest bytes the scheme can reach.
+and the fewest bytes the scheme can reach. The fitted settings have ``min_rows`` 0: the search has
+chosen the tables each scheme takes, so none is left full behind its back.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def fit_hash(base: HashSettings, names: Sequence[str], sizes: Sequence[int], dim
         buckets = int(_hash_at_caps(rows, dim, np.array([cap]))[1][0])
         if buckets:
             # ceil(rows / (rows / (k - 0.5))) is k whatever the float rounding.
-            tables[name] = replace(base, compression=rows / (buckets - 0.5))
+            tables[name] = replace(base, min_rows=0, compression=rows / (buckets - 0.5))
     return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
                f"≤ {cap:,} rows per table ({len(tables)} of {len(sizes)} hashed)")
 
@@ -194,7 +195,7 @@ def fit_qr(base: QRSettings, names: Sequence[str], sizes: Sequence[int], dim: in
     for name, rows in zip(names, sizes, strict=True):
         collisions = int(_qr_at_caps(rows, dim, base.operation, best[rows], np.array([cap]))[1][0])
         if collisions:
-            tables[name] = replace(base, collisions=collisions)
+            tables[name] = replace(base, min_rows=0, collisions=collisions)
     counts = [settings.collisions for settings in tables.values()]
     return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
                f"quotient ≤ {cap:,} rows, {min(counts)}–{max(counts)} collisions "
@@ -342,7 +343,7 @@ def _fit_largest_tables(
         total = sum(full) - sum(full[i] - shrunk[i] for i in chosen)
         if total <= budget:
             config = EmbeddingConfig(default=FullSettings(),
-                                     tables={names[i]: base for i in chosen})
+                                     tables={names[i]: replace(base, min_rows=0) for i in chosen})
             return Fit(config, total, f"{len(chosen)} of {len(sizes)} tables "
                                       f"(≥ {threshold:,} rows)")
     return Fit(None, fewest, "", f"{what} on every table it shrinks still takes "

@@ -2,7 +2,9 @@
 
 - ``config.json``: model, data, training and transform settings, table summaries, metrics;
 - ``transform/``: the fitted feature transform (``FeatureTransform.save``);
-- ``weights.pt``: the model's state dict, read back with ``torch.load(weights_only=True)``.
+- ``weights.pt``: the model's state dict, read back with ``torch.load(weights_only=True)``;
+- ``spec.json``: the data's column spec (``DatasetSpec``), to pass as ``--spec`` for more data
+  of the same columns, or to edit (``ctrserve train`` may have inferred it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def save_checkpoint(directory: str | Path, model: CTRModel, transform: FeatureTr
         }
         (staging / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         transform.save(staging / "transform")
+        transform.spec.save(staging / "spec.json")
         torch.save(model.state_dict(), staging / "weights.pt")
         if directory.exists():
             shutil.rmtree(directory)

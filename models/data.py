@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .readers import ReadStats, iter_batches, iter_split, spec_for
 from .schema import DatasetSpec, RawBatch
 
-PARTS = {"train": 0, "valid": 1, "test": 2}
+PARTS = ("train", "valid", "test")
 FORMATS = ("criteo", "avazu", "libfm", "csv", "parquet")
 
 
@@ -16,56 +16,75 @@ FORMATS = ("criteo", "avazu", "libfm", "csv", "parquet")
 class DataConfig:
     """A data set and its split.
 
-    Without ``test_path`` the file at ``path`` is cut into train/valid/test by ``fractions``
-    (three numbers). With ``test_path`` the file at ``path`` is cut into train/valid by the first
-    two fractions and the test part is the whole of ``test_path``. ``split`` is ``position``
-    (contiguous, train first: for time-ordered data such as Criteo) or ``random`` (a seeded hash of
-    the row number).
+    The parts not given as files of their own (``valid_path``, ``test_path``) are cut from the
+    file at ``path``, in the order train, valid, test, by ``fractions``: one number per part cut
+    (three without either file, one with both). Each part holds exactly its fraction of the
+    rows, rounded (``readers.part_sizes``). ``split`` is ``position`` (contiguous, train first:
+    for time-ordered data such as Criteo) or ``random`` (the rows ranked by a hash of the row
+    number seeded by ``split_seed``, which is the split's own: the training seed never moves
+    it, so trainings with different seeds are compared on the same rows).
+
+    ``column_spec`` is the column spec itself (``DatasetSpec.to_dict``) where it is not in a
+    file at ``spec_path``: ``ctrserve train`` keeps the one it infers here, so the checkpoint
+    reads its data again without any other file.
     """
 
     path: str
     format: str
     spec_path: str | None = None
     test_path: str | None = None
+    valid_path: str | None = None
     split: str = "position"
     fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
-    seed: int = 0
+    split_seed: int = 0
     on_error: str = "raise"
+    column_spec: dict | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.split not in ("position", "random"):
             raise ValueError(f"split must be 'position' or 'random', got {self.split!r}")
-        expected = 2 if self.test_path else 3
-        if len(self.fractions) != expected or abs(sum(self.fractions) - 1) > 1e-6:
+        cut = self.cut_parts()
+        if len(self.fractions) != len(cut) or abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError(
-                f"fractions must be {expected} numbers summing to 1, got {self.fractions}"
+                f"fractions must be {len(cut)} numbers summing to 1 ({', '.join(cut)}), got "
+                f"{self.fractions}"
             )
+
+    def cut_parts(self) -> tuple[str, ...]:
+        """The parts cut from ``path``: those without a file of their own."""
+        files = {"valid": self.valid_path, "test": self.test_path}
+        return tuple(part for part in PARTS if not files.get(part))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:
+        data = dict(data)
+        if "seed" in data:  # checkpoints written before the split had a seed of its own
+            data["split_seed"] = data.pop("seed")
         return cls(**{**data, "fractions": tuple(data["fractions"])})
 
     def spec(self) -> DatasetSpec:
-        return spec_for(self.path, self.format, self.spec_path)
+        return self._spec_of(self.path)
+
+    def _spec_of(self, path: str) -> DatasetSpec:
+        if self.column_spec is not None:
+            return replace(DatasetSpec.from_dict(self.column_spec), format=self.format)
+        return spec_for(path, self.format, self.spec_path)
 
     def batches(
         self, part: str, batch_rows: int = 65536, stats: ReadStats | None = None
     ) -> Iterator[RawBatch]:
         """Raw batches of one part: ``train``, ``valid`` or ``test``."""
-        spec = self.spec()
-        if part == "test" and self.test_path:
-            test_spec = spec_for(self.test_path, self.format, self.spec_path)
-            yield from iter_batches(
-                self.test_path, test_spec, batch_rows=batch_rows, on_error=self.on_error,
-                stats=stats,
-            )
+        own_file = {"valid": self.valid_path, "test": self.test_path}.get(part)
+        if own_file:
+            yield from iter_batches(own_file, self._spec_of(own_file), batch_rows=batch_rows,
+                                    on_error=self.on_error, stats=stats)
             return
         yield from iter_split(
-            self.path, spec, self.split, self.fractions, PARTS[part], self.seed,
-            batch_rows=batch_rows, on_error=self.on_error, stats=stats,
+            self.path, self.spec(), self.split, self.fractions, self.cut_parts().index(part),
+            self.split_seed, batch_rows=batch_rows, on_error=self.on_error, stats=stats,
         )

@@ -19,7 +19,7 @@ from torch import nn
 
 from .embeddings.base import EmbeddingTable
 from .embeddings.scheme_settings import EmbeddingConfig
-from .schemes import build_tables
+from .schemes import build_tables, why_full
 
 MODEL_KINDS = ("dlrm", "lr")
 
@@ -37,6 +37,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"unknown model kind {self.kind!r}; choose one of {MODEL_KINDS}")
+
+    @property
+    def table_width(self) -> int:
+        """Width of the embedding tables: ``dim``, or one weight per value for ``lr``."""
+        return self.dim if self.kind == "dlrm" else 1
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -72,10 +77,9 @@ class CTRModel(nn.Module):
         self.n_dense = n_dense
         self.table_names = list(table_names)
         self.config = config
-        width = config.dim if config.kind == "dlrm" else 1
         self.tables = nn.ModuleList(
-            build_tables(self.table_names, list(table_sizes), width, config.embeddings,
-                         signatures)
+            build_tables(self.table_names, list(table_sizes), config.table_width,
+                         config.embeddings, signatures)
         )
 
     def embedding_tables(self) -> list[EmbeddingTable]:
@@ -93,8 +97,11 @@ class CTRModel(nn.Module):
         raise NotImplementedError
 
     def table_summaries(self) -> list[dict]:
+        """Each table's summary, with ``full_because``: why a table configured with another
+        scheme stays full ('' when it does not)."""
         return [
-            {"table": name, **table.summary()}
+            {"table": name, **table.summary(), "full_because": why_full(
+                self.config.embeddings.for_table(name), table.num_embeddings, table.dim)}
             for name, table in zip(self.table_names, self.embedding_tables(), strict=True)
         ]
 

@@ -94,13 +94,16 @@ def shuffled_batches(trainer: Trainer, batches: Callable[[], Iterable[Transforme
 
 
 def search_mask(model: CTRModel, batches: Callable[[], Iterable[TransformedBatch]],
-                config: SearchConfig, train_config: TrainConfig) -> SearchResult:
+                config: SearchConfig, train_config: TrainConfig,
+                unseen_ids: np.ndarray | None = None) -> SearchResult:
     """Trains ``model`` in place until its tables keep ``config.target`` of their full values.
 
     Only the PEP tables shrink; the others count as they are. ``batches`` gives one epoch of
     training chunks per call. Shares the ``global`` / ``dimension`` thresholds first
     (``share_thresholds``). Raises if ``config.max_steps`` pass first. ``train_config`` gives
-    the batch size, learning rates, seed and device (its ``epochs`` is not used).
+    the batch size, learning rates, seed and device (its ``epochs`` is not used), and with
+    ``unseen_ids`` the share of values hidden as unknown (``trainer.hide_values``), so the rows
+    of unknown values are trained, and judged by the mask, like the others.
     """
     tables = pep_tables(model)
     if not tables:
@@ -112,7 +115,7 @@ def search_mask(model: CTRModel, batches: Callable[[], Iterable[TransformedBatch
                          f"values, above the target {config.target}")
     share_thresholds(model)
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    trainer = Trainer(model, train_config)
+    trainer = Trainer(model, train_config, unseen_ids)
     growth = math.exp(config.drift)
     history: list[dict] = []
     loss_sum, losses = 0.0, 0

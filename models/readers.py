@@ -16,6 +16,8 @@ parser rejected before it (:class:`_LineMap`).
 from __future__ import annotations
 
 import bisect
+import functools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,7 +117,8 @@ def spec_for(path: str | Path, fmt: str, spec_path: str | Path | None = None) ->
 
     Criteo files with 39 fields (Kaggle ``test.txt``) and Avazu files without a ``click``
     column get a spec with no label. ``csv`` and ``parquet`` need a DatasetSpec JSON file;
-    its ``format`` is replaced by ``fmt``.
+    its ``format`` is replaced by ``fmt``. A file that does not fit ``fmt`` is a ValueError
+    that says which format its content looks like (:func:`sniff_format`).
     """
     if fmt == "criteo":
         n_fields = len(_first_line(path).split("\t"))
@@ -124,21 +127,66 @@ def spec_for(path: str | Path, fmt: str, spec_path: str | Path | None = None) ->
             return labeled
         if n_fields == len(labeled.column_names):
             return replace(labeled, label=None)
-        raise ValueError(f"{path}: a criteo line has 39 or 40 fields, the first has {n_fields}")
+        raise ValueError(f"{path}: a criteo line has 39 or 40 tab-separated fields, the first "
+                         f"has {n_fields}{_format_hint(path, fmt)}")
     if fmt == "avazu":
+        header = _first_line(path).split(",")
+        missing = [name for name in _AVAZU_COLUMNS if name not in header]
+        if missing:
+            raise ValueError(f"{path}: an avazu header names {', '.join(_AVAZU_COLUMNS)}; this "
+                             f"one lacks {', '.join(missing[:3])}{_format_hint(path, fmt)}")
         spec = avazu_spec()
-        return spec if "click" in _first_line(path).split(",") else replace(spec, label=None)
+        return spec if "click" in header else replace(spec, label=None)
     if fmt == "libfm":
-        return libfm_spec(len(_first_line(path).split(" ")) - 1)
+        tokens = _first_line(path).split(" ")
+        if len(tokens) < 2 or not all(_LIBFM_TOKEN.fullmatch(token) for token in tokens[1:]):
+            raise ValueError(f"{path}: a libfm line is a label and space-separated idx:val "
+                             f"tokens{_format_hint(path, fmt)}")
+        return libfm_spec(len(tokens) - 1)
     if fmt in ("csv", "parquet"):
         if spec_path is None:
-            raise ValueError(f"format {fmt!r} needs a DatasetSpec JSON file (spec_path)")
+            raise ValueError(f"{path}: format {fmt!r} needs a column spec: pass --spec "
+                             "SPEC.json, or leave it out to have one inferred (`ctrserve spec "
+                             "infer FILE` shows what would be)")
         return replace(DatasetSpec.load(spec_path), format=fmt)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
+_LIBFM_TOKEN = re.compile(r"\d+:[^:\s]+")
+
+
+def sniff_format(path: str | Path) -> tuple[str, str]:
+    """The format ``path``'s content shows, and the evidence, in words.
+
+    Parquet by its magic bytes; then by the first line: ``libfm`` when every field after the
+    first is an ``idx:val`` token, ``criteo`` for 39 or 40 tab-separated fields, ``avazu`` for a
+    comma-separated header naming Avazu's columns; anything else is ``csv``.
+    """
+    with open(path, "rb") as file:
+        if file.read(4) == b"PAR1":
+            return "parquet", "Parquet magic bytes"
+    line = _first_line(path)
+    tokens = line.split()
+    if len(tokens) > 1 and all(_LIBFM_TOKEN.fullmatch(token) for token in tokens[1:]):
+        return "libfm", f"a label and {len(tokens) - 1} idx:val tokens a line"
+    fields = line.split("\t")
+    if len(fields) in (39, 40):
+        return "criteo", f"{len(fields)} tab-separated fields a line"
+    if set(_AVAZU_COLUMNS) <= set(line.split(",")):
+        return "avazu", "a header with Avazu's columns"
+    return "csv", "none of the fixed formats"
+
+
+def _format_hint(path: str | Path, fmt: str) -> str:
+    """``'; it looks like libfm (...): pass --format libfm'``, or '' when it looks like ``fmt``."""
+    sniffed, evidence = sniff_format(path)
+    if sniffed == fmt:
+        return ""
+    return f"; it looks like {sniffed} ({evidence}): pass --format {sniffed}"
+
+
 def _first_line(path: str | Path) -> str:
-    with open(path, encoding="utf-8", newline="") as file:
+    with open(path, encoding="utf-8", errors="replace", newline="") as file:
         for line in file:
             if line.strip("\r\n"):
                 return line.rstrip("\r\n")
@@ -513,11 +561,14 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _unit_hash(rows: np.ndarray, seed: int) -> np.ndarray:
-    """Hash of each global row index to [0, 1): ``mix(row * golden + mix(seed)) >> 11 / 2**53``."""
+def row_hash(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A 63-bit hash of each global row index: ``mix(row * golden + mix(seed)) >> 1``.
+
+    Both steps are bijections of uint64, so distinct rows never tie: ranking rows by it is a
+    seeded shuffle that depends on nothing but the index and the seed.
+    """
     key = _mix64(np.array([seed % 2**64], dtype=np.uint64))
-    z = _mix64(rows.astype(np.uint64) * _GOLDEN + key)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return _mix64(rows.astype(np.uint64) * _GOLDEN + key) >> np.uint64(1)
 
 
 def _check_split(mode: str, fractions: tuple[float, ...], part: int) -> None:
@@ -529,10 +580,30 @@ def _check_split(mode: str, fractions: tuple[float, ...], part: int) -> None:
         raise ValueError(f"split part {part} is not in 0..{len(fractions) - 1}")
 
 
+def part_sizes(total_rows: int, fractions: tuple[float, ...]) -> np.ndarray:
+    """Rows before each boundary between parts: ``round(cumulative fraction * total_rows)``."""
+    return np.round(np.cumsum(fractions)[:-1] * total_rows).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _random_edges(total_rows: int, fractions: tuple[float, ...], seed: int) -> np.ndarray:
+    """The row hash at which each part after the first begins: exactly ``part_sizes`` rows hash
+    below each edge. Needs every row's hash once (8 bytes a row), then only the edges."""
+    boundaries = part_sizes(total_rows, fractions)
+    edges = np.full(len(boundaries), 2**63, dtype=np.uint64)  # above every 63-bit hash
+    edges[boundaries <= 0] = 0
+    inside = (boundaries > 0) & (boundaries < total_rows)
+    if inside.any():
+        hashes = row_hash(np.arange(total_rows, dtype=np.int64), seed)
+        hashes.partition(np.unique(boundaries[inside]))
+        edges[inside] = hashes[boundaries[inside]]
+    return edges
+
+
 def split_mask(
     start_row: int,
     n: int,
-    total_rows: int | None,
+    total_rows: int,
     mode: str,
     fractions: tuple[float, ...],
     part: int,
@@ -540,19 +611,18 @@ def split_mask(
 ) -> np.ndarray:
     """Which of the rows ``start_row .. start_row + n - 1`` (global indices) are in ``part``.
 
-    ``position``: contiguous ranges of ``total_rows`` in order (rows past ``total_rows`` go to
-    the last part). ``random``: a seeded splitmix64 hash of the row index, so the answer depends
-    on nothing but the index, the seed and the fractions.
+    Each part holds exactly ``part_sizes(total_rows, fractions)`` apart rows. ``position``:
+    contiguous ranges in order (rows past ``total_rows`` go to the last part). ``random``: the
+    rows ranked by ``row_hash`` with ``seed``, so a row's part depends on nothing but its index,
+    the seed, the fractions and ``total_rows``.
     """
     _check_split(mode, fractions, part)
     rows = np.arange(start_row, start_row + n, dtype=np.int64)
-    inner_edges = np.cumsum(fractions)[:-1]
     if mode == "position":
-        if total_rows is None:
-            raise ValueError("position split needs total_rows")
-        parts = np.searchsorted(np.round(inner_edges * total_rows), rows, side="right")
+        parts = np.searchsorted(part_sizes(total_rows, fractions), rows, side="right")
     else:
-        parts = np.searchsorted(inner_edges, _unit_hash(rows, seed), side="right")
+        edges = _random_edges(total_rows, tuple(fractions), seed)
+        parts = np.searchsorted(edges, row_hash(rows, seed), side="right")
     return parts == part
 
 
@@ -571,11 +641,10 @@ def iter_split(
     """The rows of split ``part`` (see :func:`split_mask`), as non-empty chunks.
 
     A row's global index is its position among the rows :func:`iter_batches` hands out, so
-    skipped malformed rows take none. Position splits count the rows first unless
-    ``total_rows`` is given.
+    skipped malformed rows take none. The rows are counted first unless ``total_rows`` is given.
     """
     _check_split(mode, fractions, part)
-    if mode == "position" and total_rows is None:
+    if total_rows is None:
         total_rows = count_rows(path, spec)
     start = 0
     for batch in iter_batches(path, spec, batch_rows, on_error, stats=stats):

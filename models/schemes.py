@@ -13,6 +13,9 @@ A scheme is:
   (``budget.py``);
 - ``benchmark``: the settings ``ctrserve bench accuracy`` compares, by name.
 
+``effective_settings`` decides which tables keep their scheme: a table under its ``min_rows``,
+or, with ``min_rows`` unset, one the scheme cannot shrink (``why_full`` says why), stays full.
+
 How a scheme's table is exported (its ONNX node and function body) needs onnx, and ``export``
 imports ``models``, never the reverse: that part of each scheme is ``export/table_nodes.py``,
 keyed by the names registered here. ``tests/test_schemes.py`` walks the registry and fails for a
@@ -51,7 +54,7 @@ from .budget import (
     qr_tables_bytes,
     robe_tables_bytes,
 )
-from .embeddings.base import EmbeddingTable
+from .embeddings.base import EmbeddingTable, fp32_bytes
 from .embeddings.compositional import (
     CompositionalTable,
     balanced_radices,
@@ -76,7 +79,6 @@ from .embeddings.scheme_settings import (
     QuantizedSettings,
     RobeSettings,
     SchemeSettings,
-    effective_settings,
     setting_names,
 )
 from .embeddings.shared_memory import SharedMemory
@@ -162,13 +164,13 @@ def _build_lma(spec: TableSpec[LMASettings]) -> EmbeddingTable:
     signatures = spec.signatures
     if signatures is None:
         signatures = fallback_signatures(spec.column, np.arange(spec.rows),
-                                         spec.settings.minhashes, spec.settings.seed)
+                                         spec.settings.minhashes, spec.settings.hash_seed)
     return LMATable(spec.rows, spec.dim, spec.shared_memory(), signatures)
 
 
 def _lma_memory(settings: LMASettings, sizes: Sequence[int], dim: int) -> SharedMemory:
     size = lma_memory_size(sizes, dim, settings.minhashes, settings.compression)
-    return SharedMemory(size, settings.seed)
+    return SharedMemory(size, settings.hash_seed)
 
 
 def _build_robe(spec: TableSpec[RobeSettings]) -> EmbeddingTable:
@@ -177,7 +179,7 @@ def _build_robe(spec: TableSpec[RobeSettings]) -> EmbeddingTable:
 
 def _robe_memory(settings: RobeSettings, sizes: Sequence[int], dim: int) -> SharedMemory:
     return SharedMemory(robe_memory_size(sizes, dim, settings.block, settings.compression),
-                        settings.seed)
+                        settings.hash_seed)
 
 
 #: Every scheme, by name (the names and order of ``scheme_settings.SETTINGS``).
@@ -212,6 +214,35 @@ def scheme_of(settings: SchemeSettings) -> Scheme[Any]:
     return SCHEMES[settings.scheme]
 
 
+def why_full(settings: SchemeSettings, rows: int, dim: int) -> str:
+    """Why a table of ``rows`` x ``dim`` configured with ``settings`` stays full ('' when it
+    takes its scheme): it is under ``min_rows``, or, with ``min_rows`` unset, the scheme cannot
+    shrink it: hashing would leave one bucket (every value alike: the feature erased), or the
+    scheme's table would take at least the full table's bytes (QR or int8 of a two-value table,
+    LMA's or ROBE's hash metadata alone). Shared-memory schemes are judged on the table alone
+    at their compression."""
+    if isinstance(settings, FullSettings):
+        return ""
+    if settings.min_rows is not None:
+        return f"under min_rows ({settings.min_rows:,})" if rows < settings.min_rows else ""
+    if isinstance(settings, HashSettings) and hash_buckets(rows, settings.compression) < 2:
+        return f"hash at {settings.compression:g}x leaves one bucket for all {rows:,} ids"
+    full = fp32_bytes(rows, dim)
+    try:
+        stored = scheme_of(settings).tables_bytes([settings], [rows], dim)
+    except ValueError:  # a shared memory whose metadata leave no room for a value
+        return (f"{settings.scheme}'s metadata alone exceed the full table ({full:,} bytes) "
+                "over its compression")
+    if stored >= full:
+        return f"{settings.scheme} takes {stored:,} bytes, the full table {full:,}"
+    return ""
+
+
+def effective_settings(settings: SchemeSettings, rows: int, dim: int) -> SchemeSettings:
+    """The settings a table of ``rows`` x ``dim`` gets: full where ``why_full`` gives a reason."""
+    return FullSettings() if why_full(settings, rows, dim) else settings
+
+
 def build_tables(names: list[str], sizes: list[int], dim: int, config: EmbeddingConfig,
                  signatures: Mapping[str, np.ndarray] | None = None) -> list[EmbeddingTable]:
     """Every table of a model, in column order.
@@ -220,7 +251,7 @@ def build_tables(names: list[str], sizes: list[int], dim: int, config: Embedding
     initial weights a seed gives. LMA tables need their minhash signatures
     (``lma.minhash_signatures``, by column name); see ``_build_lma`` for when there are none.
     """
-    settings = [effective_settings(config.for_table(name), rows)
+    settings = [effective_settings(config.for_table(name), rows, dim)
                 for name, rows in zip(names, sizes, strict=True)]
     memories = {}
     for scheme in SCHEMES.values():

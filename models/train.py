@@ -1,7 +1,8 @@
 """Training and offline evaluation of CTR models, streaming the data from disk.
 
 ``fit`` runs a whole training: the transform, LMA signatures, PEP's mask search, the epochs
-(``Trainer`` and ``TrainConfig`` are in ``trainer.py``), quantization and the checkpoint.
+until validation stops improving (``Trainer`` and ``TrainConfig`` are in ``trainer.py``),
+quantization and the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from .checkpoint import save_checkpoint
 from .data import DataConfig
 from .dlrm import CTRModel, ModelConfig, build_model
 from .embeddings.lma import minhash_signatures
-from .embeddings.scheme_settings import LMASettings, PEPSettings, effective_settings
+from .embeddings.scheme_settings import LMASettings, PEPSettings
 from .pep_search import SearchConfig, pep_tables, rewind, search_mask
 from .quantize import quantize_model
+from .schemes import effective_settings
 from .trainer import TrainConfig, Trainer
 from .transform import FeatureTransform, TransformConfig, TransformedBatch, fit_transform
 
@@ -96,7 +98,7 @@ def lma_signatures(data: DataConfig, transform: FeatureTransform, config: ModelC
     """Minhash signatures for the model's LMA tables, from the first training rows."""
     names = list(transform.spec.categorical_names)
     sizes = transform.table_sizes
-    settings = [effective_settings(config.embeddings.for_table(name), size)
+    settings = [effective_settings(config.embeddings.for_table(name), size, config.table_width)
                 for name, size in zip(names, sizes, strict=True)]
     lma = [(column, s) for column, s in enumerate(settings) if isinstance(s, LMASettings)]
     if not lma:
@@ -105,7 +107,7 @@ def lma_signatures(data: DataConfig, transform: FeatureTransform, config: ModelC
     first = lma[0][1]
     signatures = minhash_signatures(
         (chunk.sparse for chunk in transformed(data, "train", transform, chunk_rows)),
-        sizes, first.minhashes, first.sample_rows, first.seed, columns=columns,
+        sizes, first.minhashes, first.sample_rows, first.hash_seed, columns=columns,
     )
     return {names[column]: values for column, values in signatures.items()}
 
@@ -132,7 +134,7 @@ def search_pep_mask(model: CTRModel, data: DataConfig, transform: FeatureTransfo
         return cache.record(transformed(data, "train", transform, train_config.chunk_rows))
 
     result = search_mask(model, one_pass, SearchConfig(target=first.pep_keep, drift=first.drift),
-                         train_config)
+                         train_config, transform.unseen_ids)
     rewind(model, result)
     return {"steps": result.steps, "nonzeros": result.nonzeros, "full": result.full}
 
@@ -175,10 +177,15 @@ def fit(
 ) -> dict:
     """Fits the transform, trains, validates each epoch, tests, and writes a checkpoint.
 
-    The weights of the epoch with the best validation AUC are kept. Returns the record written
-    to the checkpoint's ``config.json``, plus the per-table summaries.
+    Training stops after ``train_config.epochs`` epochs, or earlier once ``patience`` epochs in
+    a row bring no better validation AUC; the weights of the epoch with the best validation AUC
+    are kept. Shared-memory hashes left unseeded take the training seed. Returns the record
+    written to the checkpoint's ``config.json``, plus the per-table summaries and the test
+    part's ``test_labels`` and ``test_probabilities`` (row order).
     """
     torch.manual_seed(train_config.seed)
+    model_config = replace(model_config,
+                           embeddings=model_config.embeddings.with_seed(train_config.seed))
     # The prefetch thread reads and transforms on one core; torch's OpenMP threads get the rest.
     # Letting them take every core makes their barriers wait on a busy core: on 2 cores that
     # cut training on real-size Criteo tables from ~25k to ~2k rows/s.
@@ -196,7 +203,7 @@ def fit(
         lma_signatures(data, transform, training_config, train_config.chunk_rows),
     )
     pep_search = search_pep_mask(model, data, transform, training_config, train_config)
-    trainer = Trainer(model, train_config)
+    trainer = Trainer(model, train_config, transform.unseen_ids)
     cache = ChunkCache(train_config.cache_rows)
     history: list[dict] = []
     best: dict | None = None
@@ -233,6 +240,9 @@ def fit(
         history.append(record)
         if train_config.progress:
             print(_epoch_line(record), flush=True)
+        if (best is not None and train_config.patience
+                and epoch - best["epoch"] >= train_config.patience):
+            break
     if best_state is not None:
         trainer.model.load_state_dict(best_state)
     trainer.model.to("cpu")
@@ -248,6 +258,7 @@ def fit(
         "transform_config": asdict(transform_config),
         "history": history,
         "best_epoch": best["epoch"] if best else len(history),
+        "stopped_early": len(history) < train_config.epochs,
         "metrics": {
             "valid": best["valid"] if best else None,
             "test": evaluation_metrics.summary(labels, probabilities) if len(labels) else None,
@@ -257,7 +268,8 @@ def fit(
         "total_seconds": time.perf_counter() - started,
     }
     save_checkpoint(out_dir, trainer.model, transform, result)
-    return {**result, "tables": trainer.model.table_summaries()}
+    return {**result, "tables": trainer.model.table_summaries(), "test_labels": labels,
+            "test_probabilities": probabilities}
 
 
 def _epoch_line(record: dict) -> str:

@@ -1,6 +1,6 @@
 """One training step of a CTR model and the epoch loop around it: the optimizers (SparseAdam for
-sparse embedding weights, Adam for the rest) and the device. ``train.py`` streams the data through
-it; the PEP mask search (``pep_search.py``) steps it too."""
+sparse embedding weights, Adam for the rest), the values hidden as unknown, and the device.
+``train.py`` streams the data through it; the PEP mask search (``pep_search.py``) steps it too."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from torch import nn
 from tqdm import tqdm
 
 from .dlrm import CTRModel
-from .transform import TransformedBatch
+from .transform import MISSING_ID, TransformedBatch
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    #: The most epochs; fewer when validation stops improving (``patience``).
     epochs: int = 3
+    #: Stop after this many epochs in a row without a better validation AUC (0: never early).
+    patience: int = 2
     batch_size: int = 512
     lr: float = 1e-3
     embedding_lr: float = 1e-2
@@ -30,9 +33,38 @@ class TrainConfig:
     cache_rows: int = 2_000_000
     device: str = "auto"
     progress: bool = True
+    #: Share of the training rows with values shown as unknown (``hide_values``).
+    unknown_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.patience < 0:
+            raise ValueError(f"epochs must be positive and patience non-negative, got "
+                             f"{self.epochs} and {self.patience}")
+        if not 0 <= self.unknown_rate <= 1:
+            raise ValueError(f"unknown_rate must lie in [0, 1], got {self.unknown_rate}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def hide_values(sparse: np.ndarray, rate: float, unseen_ids: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """``sparse`` with values hidden in a ``rate`` share of its rows: in each such row every
+    value is hidden with a chance drawn for the row from (0, 1), so rows with one hidden value
+    and rows with all of them hidden are about equally common. A hidden value takes the missing
+    id or the id of its column's unseen values (``FeatureTransform.unseen_ids``), equally often.
+
+    Serving meets values training never saw (every new ad id) and columns a request leaves out;
+    they take the out-of-vocabulary and missing rows. Where the training data has no such value
+    those rows would keep their random initialisation, and a row of several unknown values
+    scores far off the base rate. Shown as unknown now and then, alone and together, they learn
+    what unknown values predict, in every scheme, since the ids change before any table.
+    """
+    rows, columns = sparse.shape
+    chance = np.where(rng.random(rows) < rate, rng.random(rows), 0.0)
+    hidden = rng.random((rows, columns)) < chance[:, None]
+    replacement = np.where(rng.random((rows, columns)) < 0.5, unseen_ids[None, :], MISSING_ID)
+    return np.where(hidden, replacement, sparse)
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,16 +91,24 @@ def optimizers(model: CTRModel, config: TrainConfig) -> list[torch.optim.Optimiz
 
 
 class Trainer:
-    def __init__(self, model: CTRModel, config: TrainConfig) -> None:
+    """Steps ``model``; with ``unseen_ids`` (one id per table, ``FeatureTransform.unseen_ids``)
+    and a positive ``config.unknown_rate`` it hides values in that share of the training rows
+    (``hide_values``)."""
+
+    def __init__(self, model: CTRModel, config: TrainConfig,
+                 unseen_ids: np.ndarray | None = None) -> None:
         self.config = config
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
         self.optimizers = optimizers(model, config)
         self.loss = nn.BCEWithLogitsLoss()
         self.rng = np.random.default_rng(config.seed)
+        self.unseen_ids = unseen_ids
 
     def step(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> float:
         self.model.train()
+        if self.unseen_ids is not None and self.config.unknown_rate > 0:
+            sparse = hide_values(sparse, self.config.unknown_rate, self.unseen_ids, self.rng)
         logits = self.model(
             torch.from_numpy(dense).to(self.device), torch.from_numpy(sparse).to(self.device)
         )

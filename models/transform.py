@@ -110,6 +110,19 @@ class FeatureTransform:
     def n_dense(self) -> int:
         return len(self.dense)
 
+    @property
+    def unseen_ids(self) -> np.ndarray:
+        """The id each table gives a value absent from training: out-of-vocabulary in a
+        vocabulary column; a hashed column has no such id (the value hashes like any other),
+        so there it is the missing id."""
+        return np.array([OOV_ID if e.mode == "vocab" else MISSING_ID for e in self.categorical],
+                        dtype=np.int64)
+
+    def unseen_counts(self, sparse: np.ndarray) -> np.ndarray:
+        """How many of each row's values were absent from training (vocabulary columns)."""
+        vocabulary = np.array([e.mode == "vocab" for e in self.categorical], dtype=bool)
+        return (sparse[:, vocabulary] == OOV_ID).sum(axis=1)
+
     @cached_property
     def column_names(self) -> frozenset[str]:
         """The raw columns the transform reads, dense and categorical."""

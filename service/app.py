@@ -24,6 +24,7 @@ from .limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestLedg
 from .ranking import Ranker
 from .repository import ModelRepository
 from .responses import error_response
+from .scoring_routes import scoring_routes
 from .settings import LOG_FORMAT, ServiceSettings
 from .v1_endpoints import V1Endpoints
 from .v2_endpoints import V2Endpoints
@@ -105,8 +106,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.include_router(V1Endpoints(dataplane, Ranker(dataplane)).router())
-    app.include_router(V2Endpoints(dataplane).router())
+    v1, v2 = V1Endpoints(dataplane, Ranker(dataplane)), V2Endpoints(dataplane)
+    app.include_router(v1.router())
+    app.include_router(v2.router())
+    app.router.routes[:0] = scoring_routes(v1, v2)  # first: they answer the scoring paths
     openapi.install(app, admin_token=bool(settings.admin_token))
     return app
 

@@ -149,14 +149,19 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = None
+        encodings: list[bytes] = []
+        for name, value in scope["headers"]:  # one pass: this runs for every request
+            if name == b"content-length":
+                declared = value
+            elif name == b"content-encoding":
+                encodings.append(value)
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _reply(send, 413, f"the body has {int(declared):,} bytes; the limit is "
                                     f"{self.max_body_bytes:,}")
             return
         try:
-            codings = content_codings(b",".join(value for name, value in scope["headers"]
-                                                if name == b"content-encoding"))
+            codings = content_codings(b",".join(encodings)) if encodings else []
         except RefusedBody as refused:
             await _reply(send, refused.status, refused.message)
             return

@@ -23,9 +23,11 @@ appears, so the first event shows as an increase.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from fastapi.routing import iter_route_contexts
@@ -97,8 +99,12 @@ COMPRESSION_RATIO = Gauge("ctrserve_compression_ratio",
                           ["model", "version"], multiprocess_mode="livemax")
 PROCESS_RSS = Gauge("ctrserve_process_resident_bytes", "Resident memory of each worker",
                     multiprocess_mode="liveall")
-GPU_MEMORY_USED = Gauge("ctrserve_gpu_memory_used_bytes", "GPU memory in use (NVML)",
-                        ["gpu"], multiprocess_mode="livemax")
+GPU_MEMORY_USED = Gauge("ctrserve_gpu_memory_used_bytes",
+                        "GPU memory this worker process holds (NVML, by PID)", ["gpu"],
+                        multiprocess_mode="liveall")
+GPU_UTILIZATION = Gauge("ctrserve_gpu_utilization_ratio",
+                        "Share of time this worker's kernels kept the GPU's SMs busy, in the "
+                        "last NVML sample (NVML, by PID)", ["gpu"], multiprocess_mode="liveall")
 GPU_MEMORY_TOTAL = Gauge("ctrserve_gpu_memory_total_bytes", "GPU memory (NVML)", ["gpu"],
                          multiprocess_mode="livemax")
 SCORED_ROWS = Counter("ctrserve_scored_rows_total", "Rows scored", ["model", "version"])
@@ -133,26 +139,64 @@ def resident_bytes() -> int:
 
 def update_process_gauges() -> None:
     PROCESS_RSS.set(resident_bytes())
-    for index, used, total in _gpu_memory():
+    for index, used, utilization, total in _gpu_usage():
         GPU_MEMORY_USED.labels(str(index)).set(used)
+        GPU_UTILIZATION.labels(str(index)).set(utilization)
         GPU_MEMORY_TOTAL.labels(str(index)).set(total)
 
 
-def _gpu_memory() -> list[tuple[int, int, int]]:
-    """(index, used, total) per GPU through NVML, when ``nvidia-ml-py`` and a GPU are present."""
+#: Per GPU, the time stamp (us) of the newest NVML utilisation sample already read.
+_utilization_seen_us: dict[int, int] = {}
+
+
+@functools.cache
+def _nvml() -> Any:
+    """NVML (``nvidia-ml-py``, the gpu extra), initialised once; None without it or a driver."""
     try:
         import pynvml
     except ImportError:
-        return []
+        return None
     try:
         pynvml.nvmlInit()
-        result = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-            result.append((index, int(info.used), int(info.total)))
-        return result
     except pynvml.NVMLError:
+        return None
+    return pynvml
+
+
+def _gpu_usage() -> list[tuple[int, int, float, int]]:
+    """(index, bytes this process holds, its SM utilisation 0..1, device memory) for every GPU
+    this process holds memory on, through NVML. NVML knows processes by their PIDs in the host's
+    PID namespace: in a container that has its own, no process matches and nothing is reported
+    (``docs/gpu.md``: run the container with the host's PID namespace, or use dcgm-exporter)."""
+    nvml = _nvml()
+    if nvml is None:
         return []
+    pid, usage = os.getpid(), []
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            used = sum(process.usedGpuMemory or 0
+                       for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                       if process.pid == pid)
+            if used:
+                usage.append((index, used, _sm_utilization(nvml, handle, index, pid),
+                              int(nvml.nvmlDeviceGetMemoryInfo(handle).total)))
+    except nvml.NVMLError:
+        return usage
+    return usage
+
+
+def _sm_utilization(nvml: Any, handle: Any, index: int, pid: int) -> float:
+    """This process's SM utilisation on GPU ``index`` in the newest sample NVML took since the
+    last look (0 when none: no kernel of any process ran)."""
+    try:
+        samples = nvml.nvmlDeviceGetProcessUtilization(handle, _utilization_seen_us.get(index, 0))
+    except nvml.NVMLError:  # NOT_FOUND: no sample since the last look
+        return 0.0
+    if samples:
+        _utilization_seen_us[index] = max(sample.timeStamp for sample in samples)
+    ours = [sample for sample in samples if sample.pid == pid]
+    return max(ours, key=lambda sample: sample.timeStamp).smUtil / 100 if ours else 0.0
 
 
 def model_loaded(name: str, version: int, provider: str, manifest: dict,

@@ -168,7 +168,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
-    parameters: dict[str, Any] = Field(description="execution provider, raw inputs, table rows")
+    parameters: dict[str, Any] = Field(description="execution provider, device, placement "
+                                                   "(nodes and op types by provider), raw "
+                                                   "inputs, table rows")
 
 
 class OutputTensor(BaseModel):

@@ -33,6 +33,7 @@ from ctrserve.export.package import (
 from . import metrics
 from .batcher import Batcher, BatchingConfig
 from .control import ControlFile, ControlRecord, ControlUnavailable, RedisControl
+from .cuda import CudaOptions, worker_options
 from .errors import BadRequest, NotFound
 from .runtime import ModelLoadError, ModelRuntime, cpu_threads, load_runtime
 from .settings import ServiceSettings
@@ -86,6 +87,9 @@ class ModelRepository:
         )
         self._threads, source = cpu_threads(settings.workers, settings.intra_op_threads)
         log.info("ONNX Runtime sessions run %d intra-op thread(s): %s", self._threads, source)
+        self._cuda = (CudaOptions() if settings.provider == "cpu" else
+                      worker_options(settings.cuda_device_ids, settings.cuda_memory_limit_mb,
+                                     settings.cuda_arena_strategy, settings.workers))
 
     # -- what is there ------------------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class ModelRepository:
 
     def _open(self, name: str, version: int) -> ModelRuntime:
         return load_runtime(load_version(self.root, name, version), self.settings.provider,
-                            self._threads)
+                            self._threads, self._cuda)
 
     def _failed_unchanged(self, name: str, version: int) -> bool:
         """Whether ``version`` of ``name`` failed to load and its files are still the same."""

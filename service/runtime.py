@@ -1,14 +1,25 @@
 """One loaded model version: its ONNX Runtime session and its feature transform.
 
-Sessions run on CUDA when asked for (or, with ``auto``, when a GPU and its libraries are usable),
-else on CPU. On CUDA the initializers live on the device and requests go through I/O binding;
-no node may silently fall back to the CPU (the session is refused instead). The CPU path is the
-one the tests prove; development and CI machines have no GPU.
+The provider setting decides where sessions run:
+
+- ``cpu``: the CPU provider.
+- ``cuda``: the CUDA provider, or the version does not load, with the reason (``ctrserve serve``
+  refuses to start when CUDA cannot run at all: ``cuda.cuda_unavailable_reason``).
+- ``auto``: CUDA when it can run and the CUDA session builds and meets the placement rule, else
+  CPU, with one WARNING line saying why.
+
+A CUDA session lists CUDA, then CPU, as its providers and leaves ONNX Runtime's CPU fallback on:
+ONNX Runtime places small shape computations on CPU on purpose, and it refuses the CPU provider
+together with ``session.disable_cpu_ep_fallback`` ("Conflicting session configuration") before
+any provider starts. What must run on the GPU is checked on the built session instead, from
+ONNX Runtime's own record of each node's provider (``placement.py``): the embedding lookups and
+the MLPs, or no CUDA session. Its own silent fallback to CPU when a session fails on CUDA is off
+(``enable_fallback=0``): this module decides, and says so. On CUDA the tables live on the device
+and batches go through I/O binding (``binding.py``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -21,38 +32,29 @@ import onnxruntime as ort
 from ctrserve.export.package import Package
 from ctrserve.models.transform import FeatureTransform
 
+from .binding import BoundSession
+from .cuda import CPU, CUDA, CudaOptions, cuda_unavailable_reason, provider_library_problem
+from .placement import RECORD_ASSIGNMENT, Placement
+
 log = logging.getLogger("ctrserve.runtime")
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+OUTPUT = "probability"
 WARMUP_ROWS = (1, 64)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
+
+
+#: The reasons for serving on CPU under ``auto`` already logged by this process (each once).
+_warned: set[str] = set()
 
 
 class ModelLoadError(Exception):
     """A package that cannot be served (damaged, unknown format, ONNX Runtime refused it)."""
 
 
-def cuda_usable() -> bool:
-    """Whether the CUDA provider is installed and a CUDA driver is present to run it."""
-    if CUDA not in ort.get_available_providers():
-        return False
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def choose_provider(preference: str) -> str:
-    if preference == "cpu":
-        return CPU
-    if preference == "cuda":
-        if not cuda_usable():
-            raise ModelLoadError("provider 'cuda' asked for, but no usable CUDA GPU is present")
-        return CUDA
-    return CUDA if cuda_usable() else CPU
+class CudaRefused(ModelLoadError):
+    """No CUDA session for this model here: CUDA cannot run, ONNX Runtime did not build the
+    session on it, or the session breaks the placement rule."""
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT,
@@ -138,7 +140,22 @@ class ModelRuntime:
     package: Package
     transform: FeatureTransform
     session: ort.InferenceSession
-    provider: str
+    placement: Placement
+    #: The CUDA device the session runs on; None on CPU.
+    cuda_device: int | None = None
+
+    def __post_init__(self) -> None:
+        self._bound = (None if self.cuda_device is None
+                       else BoundSession(self.session, OUTPUT, "cuda", self.cuda_device))
+
+    @property
+    def provider(self) -> str:
+        return CPU if self.cuda_device is None else CUDA
+
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda:<id>``."""
+        return "cpu" if self.cuda_device is None else f"cuda:{self.cuda_device}"
 
     @property
     def name(self) -> str:
@@ -165,46 +182,101 @@ class ModelRuntime:
         feed = {"sparse": sparse}
         if self.n_dense:
             feed["dense"] = dense
-        if self.provider == CUDA:
-            return self._predict_bound(feed)
+        if self._bound is not None:
+            return self._bound.run(feed)
         return self.session.run(None, feed)[0]
 
-    def _predict_bound(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        """CUDA: inputs are copied to the device once, the output comes back into host memory."""
-        binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("probability", "cpu")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
 
-
-def load_runtime(package: Package, provider: str = "auto", threads: int = 1) -> ModelRuntime:
-    """Creates the session, checks its inputs against the manifest, and warms it up."""
-    chosen = choose_provider(provider)
+def session_options(threads: int) -> ort.SessionOptions:
+    """The options of every serving session, CPU or CUDA (ONNX Runtime accepts them with either
+    provider list: ``tests/test_gpu_runtime.py``)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle intra-op threads sleep instead of spinning: spinning ones take the cores the event
+    # loop and the other workers need (1.1 cores burnt at 200 single-row requests/s).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
     options.log_severity_level = 3
-    providers = [chosen] if chosen == CPU else [chosen, CPU]
-    if chosen == CUDA:
-        # Every node on the GPU, or no session: a silent CPU fallback would copy tables per run.
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return options
+
+
+def cuda_providers(cuda: CudaOptions) -> list:
+    """CUDA with its options first, CPU for what ONNX Runtime keeps off the GPU."""
+    return [(CUDA, cuda.provider_options()), CPU]
+
+
+def open_session(model_path: Path, preference: str, threads: int,
+                 cuda: CudaOptions) -> tuple[ort.InferenceSession, int | None]:
+    """The session for ``preference`` (see the module docstring) and its CUDA device (None on
+    CPU); ModelLoadError when ``cuda`` was asked for and cannot be had, or the model does not
+    load at all."""
+    if preference == "cpu":
+        return _cpu_session(model_path, threads), None
+    try:
+        return _cuda_session(model_path, threads, cuda), cuda.device_id
+    except CudaRefused as refusal:
+        if preference == "cuda":
+            raise ModelLoadError(f"provider 'cuda' asked for, but {refusal}") from None
+        reason = str(refusal)
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("provider auto: serving on CPU: %s", reason)
+    return _cpu_session(model_path, threads), None
+
+
+def _cpu_session(model_path: Path, threads: int) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), session_options(threads), providers=[CPU])
+    except Exception as error:  # ONNX Runtime raises its own exception types, and OS ones
+        raise ModelLoadError(f"{model_path.parent}: {error}") from error
+
+
+def _cuda_session(model_path: Path, threads: int, cuda: CudaOptions) -> ort.InferenceSession:
+    """A session on CUDA that meets the placement rule, or CudaRefused saying why not."""
+    unavailable = cuda_unavailable_reason()
+    if unavailable:
+        raise CudaRefused(unavailable)
+    try:
+        session = ort.InferenceSession(str(model_path), session_options(threads),
+                                       providers=cuda_providers(cuda), enable_fallback=0)
+    except Exception as error:  # ONNX Runtime raises its own exception types, and OS ones
+        raise CudaRefused(f"ONNX Runtime could not build the session of {model_path.parent} on "
+                          f"CUDA device {cuda.device_id}: {error}") from error
+    if session.get_providers()[0] != CUDA:
+        problem = provider_library_problem()
+        raise CudaRefused("ONNX Runtime left CUDA out of the session: " + (
+            f"its provider library does not load: {problem}" if problem
+            else "it could not create the CUDA provider (its error is in the log)"))
+    off_gpu = Placement.of(session).hot_nodes_off(CUDA)
+    if off_gpu:
+        shown = ", ".join(f"{node.op_type} {node.name!r} on {node.provider}"
+                          for node in off_gpu[:8])
+        raise CudaRefused(f"{model_path.parent}: {len(off_gpu)} embedding lookup or MLP node(s) "
+                          f"are not on the GPU: {shown}")
+    return session
+
+
+def load_runtime(package: Package, provider: str = "auto", threads: int = 1,
+                 cuda: CudaOptions | None = None) -> ModelRuntime:
+    """Creates the session, checks its inputs against the manifest, and warms it up."""
     try:
         transform = FeatureTransform.load(package.transform_path)
-        session = ort.InferenceSession(str(package.model_path), options, providers=providers)
-    except Exception as error:  # ONNX Runtime raises its own exception types, and numpy/OS ones
+    except Exception as error:  # numpy and OS errors of a damaged transform
         raise ModelLoadError(f"{package.directory}: {error}") from error
+    session, cuda_device = open_session(package.model_path, provider, threads,
+                                        cuda or CudaOptions())
     expected = {io["name"] for io in package.manifest["inputs"]}
     actual = {i.name for i in session.get_inputs()}
     if actual != expected:
         raise ModelLoadError(f"{package.directory}: the graph's inputs {sorted(actual)} differ "
                              f"from the manifest's {sorted(expected)}")
-    runtime = ModelRuntime(package, transform, session, session.get_providers()[0])
+    runtime = ModelRuntime(package, transform, session, Placement.of(session), cuda_device)
     for rows in WARMUP_ROWS:
         runtime.predict(np.zeros((rows, runtime.n_dense), np.float32),
                         np.zeros((rows, runtime.n_tables), np.int64))
-    log.info("loaded %s version %d on %s (%d intra-op threads)", package.name, package.version,
-             runtime.provider, threads)
+    log.info("loaded %s version %d on %s (%s, %d intra-op threads); placement: %s",
+             package.name, package.version, runtime.provider, runtime.device, threads,
+             runtime.placement.summary())
     return runtime

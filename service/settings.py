@@ -6,12 +6,13 @@ for ``max_batch_rows``), with their descriptions as help."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .raw_values import MAX_VALUE_BYTES
+from .runtime import usable_cpus
 
 ENV_PREFIX = "CTRSERVE_"
 #: prometheus-client's multiprocess directory variable (set for several workers).
@@ -20,6 +21,12 @@ MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_REPO = Path("model-repository")
 #: The format of the service's log lines (the server's own and every worker's).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def one_per_usable_cpu() -> int:
+    """The default count of workers: the CPUs this process may use (``runtime.usable_cpus``), so
+    that the HTTP work of a loaded server runs on every one of them."""
+    return usable_cpus()[0]
 
 
 class ServiceSettings(BaseSettings):
@@ -35,11 +42,25 @@ class ServiceSettings(BaseSettings):
                                                  "other models serve their highest version")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    workers: int = Field(default_factory=one_per_usable_cpu, ge=1,
+                         description="uvicorn worker processes (default: one per CPU this "
+                                     "process may use: its affinity, its cgroup CPU quota)")
 
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime provider; auto: CUDA when a GPU and its libraries "
-                            "are usable, else CPU")
+                            "are usable and the model's CUDA session builds, else CPU (with a "
+                            "warning saying why); cuda: refuse to start without a usable GPU")
+    cuda_device_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        [0], min_length=1, description="CUDA devices to serve on: worker i of the workers "
+                                       "uses the (i mod count)-th, so list every GPU to "
+                                       "spread the workers over them")
+    cuda_memory_limit_mb: int = Field(0, ge=0, description="GPU memory ONNX Runtime's arena "
+                                                           "may hold, per worker (MiB; 0: no "
+                                                           "limit)")
+    cuda_arena_strategy: Literal["next_power_of_two", "same_as_requested"] = Field(
+        "next_power_of_two", description="how ONNX Runtime's GPU arena grows: in powers of "
+                                         "two (fewer, larger allocations) or by what each "
+                                         "allocation asks (tighter under a memory limit)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per "
                                                        "session; 0: the CPUs this process may "
                                                        "use (affinity, cgroup CPU quota) "
@@ -98,6 +119,11 @@ class ServiceSettings(BaseSettings):
                                                              "workers write this often (s)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info",
                                                                     description="log level")
+    access_log: bool = Field(False, description="log a line per request (uvicorn's access "
+                                                "log; off by default: the metrics count "
+                                                "every request, and a line per request costs "
+                                                "small requests a visible share of their "
+                                                "time)")
 
     redis_url: str = Field("", description="Redis for the online feature store and for "
                                            "rollout across replicas (empty: none; ranking uses "

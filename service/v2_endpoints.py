@@ -143,7 +143,8 @@ class V2Endpoints:
             "name": name, "versions": [str(served.version)], "platform": "onnxruntime_onnx",
             "inputs": [_tensor(io) for io in manifest["inputs"]],
             "outputs": [_tensor(io) for io in manifest["outputs"]],
-            "parameters": {"execution_provider": runtime.provider,
+            "parameters": {"execution_provider": runtime.provider, "device": runtime.device,
+                           "placement": runtime.placement.to_dict(),
                            "raw_inputs": self._schema(runtime).raw_inputs(),
                            "table_rows": runtime.table_sizes},
         })

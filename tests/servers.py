@@ -22,8 +22,11 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = Path(repo).parent / f"server-{self.port}.log"
+        # One worker unless a test asks for more (the default is one per CPU): a test that reads
+        # the statistics of the worker that answers it then sees every request.
+        workers = () if "--workers" in flags else ("--workers", "1")
         command = ["serve", "--repo", str(repo), "--host", HOST, "--port", str(self.port),
-                   "--log-level", "warning", *flags]
+                   "--log-level", "warning", *workers, *flags]
         code = (f"{python_prefix}\nimport sys\nfrom ctrserve.cli import main\n"
                 f"sys.exit(main({command!r}))")
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()

@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ctrserve.cli import main
@@ -105,8 +106,22 @@ def test_smoke_bench_writes_consistent_reports_and_reuses_its_cache(tiny, tmp_pa
     assert "| int8 | 1/4 | unreachable: " in markdown
     assert all(f"| {scheme} | " in markdown for scheme in rows)
 
+    found = {(i["scheme"], i["against"]): i for i in report["intervals"]}
+    assert set(found) == {("hash", "full"), ("qr-mult", "full"), ("pep-field-dim", "full"),
+                          ("qr-mult", "hash"), ("pep-field-dim", "hash")}
+    for interval in found.values():
+        assert interval["low"] <= interval["difference"] <= interval["high"]
+        assert interval["excludes_zero"] == (interval["low"] > 0 or interval["high"] < 0)
+    qr_gap = rows["qr-mult"]["auc"]["mean"] - rows["hash"]["auc"]["mean"]
+    assert found["qr-mult", "hash"]["difference"] == pytest.approx(qr_gap)
+    assert "ΔAUC against hashing at the same budget" in markdown
+    assert "95% paired bootstrap interval over test rows and seeds" in markdown
+
     cells = sorted((out / "cells").rglob("*.json"))
     assert len(cells) == 4
+    for cell in cells:
+        with np.load(cell.with_suffix(".npz")) as predictions:
+            assert len(predictions["labels"]) == len(predictions["probabilities"]) == 300
     stamps = [os.stat(cell).st_mtime_ns for cell in cells]
     assert main(bench(tiny, out)) == 0
     assert "0 trainings" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from ctrserve.models.dlrm import ModelConfig, build_model
 from ctrserve.models.embeddings.base import EmbeddingTable
 from ctrserve.models.embeddings.compositional import (
     CompositionalTable,
@@ -18,10 +20,13 @@ from ctrserve.models.embeddings.scheme_settings import (
     FullSettings,
     HashSettings,
     KPartSettings,
+    LMASettings,
     QRSettings,
+    RobeSettings,
     SchemeSettings,
 )
-from ctrserve.models.schemes import build_tables
+from ctrserve.models.schemes import build_tables, why_full
+from ctrserve.tables import print_tables
 
 EDGES = [2**24, 2**31, 2**40]
 
@@ -86,7 +91,7 @@ def test_balanced_radices_cover_and_are_balanced():
 
 def closed_form_bytes(config: SchemeSettings, n: int, dim: int) -> int:
     """Independent byte counts: fp32 weights, int64 scalars for bucket counts and radices."""
-    if isinstance(config, FullSettings) or n < config.min_rows:
+    if isinstance(config, FullSettings) or n < (config.min_rows or 0):
         return n * dim * 4
     if isinstance(config, HashSettings):
         return math.ceil(n / config.compression) * dim * 4 + 8
@@ -158,3 +163,29 @@ def test_small_tables_stay_full_under_threshold():
 def test_uncovering_radices_are_refused():
     with pytest.raises(ValueError, match="complementary"):
         CompositionalTable(101, 8, (10, 10), "mult")
+
+
+@pytest.mark.parametrize(("settings", "reason"), [
+    (HashSettings(compression=4), "hash at 4x leaves one bucket for all 4 ids"),
+    (QRSettings(collisions=4), "qr takes 336 bytes, the full table 256"),
+    (LMASettings(), "lma's metadata alone exceed the full table (256 bytes) over its "
+                    "compression"),
+    (RobeSettings(), "robe's metadata alone exceed the full table (256 bytes) over its "
+                     "compression"),
+], ids=lambda value: getattr(value, "scheme", ""))
+def test_tables_a_scheme_cannot_shrink_stay_full_and_say_why(settings, reason, capsys):
+    names, sizes = ["gender", "user"], [4, 5000]  # two values, the missing and unseen ids
+    tables = build_tables(names, sizes, 16, EmbeddingConfig(default=settings))
+    assert isinstance(tables[0], FullTable) and tables[1].scheme == settings.scheme
+    assert why_full(settings, 4, 16) == reason and why_full(settings, 5000, 16) == ""
+    model = build_model(0, sizes, names, ModelConfig(dim=16, top=(8,),
+                                                     embeddings=EmbeddingConfig(default=settings)))
+    summaries = model.table_summaries()
+    assert [s["full_because"] for s in summaries] == [reason, ""]
+    print_tables(summaries)
+    assert reason in capsys.readouterr().out
+    # A min_rows of its own is what the user asked for: every table from that size is taken.
+    forced = build_tables(names, sizes, 16, EmbeddingConfig(default=replace(settings,
+                                                                            min_rows=0)))
+    assert [table.scheme for table in forced] == [settings.scheme] * 2
+    assert why_full(replace(settings, min_rows=10), 4, 16) == "under min_rows (10)"

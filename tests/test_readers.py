@@ -18,11 +18,15 @@ from ctrserve.models.readers import (
     iter_batches,
     iter_split,
     libfm_spec,
+    part_sizes,
+    row_hash,
+    sniff_format,
     spec_for,
     split_mask,
 )
 from ctrserve.models.schema import CategoricalColumn, DatasetSpec, LabelRule, RawBatch
 
+_AVAZU_HEADER = avazu_spec().categorical_names
 CRITEO = "criteo/criteo_kaggle_8k.tsv"
 CRITEO_TEST = "criteo/criteo_kaggle_test_unlabeled_2k.tsv"
 AVAZU = "avazu/avazu_9k.csv"
@@ -315,7 +319,7 @@ def test_generic_csv_with_spec_and_threshold(tmp_path: Path) -> None:
     )
     spec_path = tmp_path / "spec.json"
     spec.save(spec_path)
-    with pytest.raises(ValueError, match="spec_path"):
+    with pytest.raises(ValueError, match="needs a column spec: pass --spec"):
         spec_for(path, "csv")
     assert spec_for(path, "csv", spec_path) == spec
 
@@ -372,12 +376,59 @@ def test_parquet_missing_label(tmp_path: Path) -> None:
     assert stats.first_skipped_lines == [3]
 
 
+# --------------------------------------------------------------------------- formats
+
+
+def _libfm_lines(rows: int, fields: int, largest: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [f"{k % 2} " + " ".join(f"{i}:1" for i in sorted(rng.integers(0, largest, fields)))
+            for k in range(rows)]
+
+
+def test_formats_are_told_by_content_whatever_the_extension(tmp_path: Path) -> None:
+    libfm = _write_lines(tmp_path / "ads.txt", _libfm_lines(20, 16, 133_000))
+    criteo = _write_lines(tmp_path / "log.txt",
+                          ["1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["68fd1e64"] * 26)])
+    avazu = _write_lines(tmp_path / "a.csv", ["id,click," + ",".join(_AVAZU_HEADER), "1,0," +
+                                              ",".join(["5"] * len(_AVAZU_HEADER))])
+    ratings = _write_lines(tmp_path / "ratings.tsv", ["user\titem\trating", "1\t2\t5"])
+    parquet = tmp_path / "t.data"
+    pq.write_table(pa.table({"x": [1]}), parquet)
+    assert sniff_format(libfm) == ("libfm", "a label and 16 idx:val tokens a line")
+    assert sniff_format(criteo)[0] == "criteo"
+    assert sniff_format(avazu)[0] == "avazu"
+    assert sniff_format(ratings)[0] == "csv"
+    assert sniff_format(parquet)[0] == "parquet"
+    spec = spec_for(libfm, "libfm")
+    assert len(spec.categorical) == 16
+    assert _read(libfm, spec).categorical["f16"].max() < 133_000
+
+
+@pytest.mark.parametrize(("wrong", "said"), [
+    ("criteo", "a criteo line has 39 or 40 tab-separated fields, the first has 1"),
+    ("avazu", "an avazu header names"),
+])
+def test_a_wrong_format_says_which_one_to_pass(tmp_path: Path, wrong: str, said: str) -> None:
+    libfm = _write_lines(tmp_path / "ads.txt", _libfm_lines(5, 16, 133_000))
+    with pytest.raises(ValueError, match=said) as raised:
+        spec_for(libfm, wrong)
+    assert str(raised.value).endswith("; it looks like libfm (a label and 16 idx:val tokens a "
+                                      "line): pass --format libfm")
+
+
+def test_libfm_asked_of_a_criteo_file_says_criteo(tmp_path: Path) -> None:
+    criteo = _write_lines(tmp_path / "log.txt",
+                          ["1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["68fd1e64"] * 26)])
+    with pytest.raises(ValueError, match=r"idx:val tokens; it looks like criteo .*format criteo"):
+        spec_for(criteo, "libfm")
+
+
 # --------------------------------------------------------------------------- splits
 
 _M64 = (1 << 64) - 1
 
 
-def _splitmix_unit(row: int, seed: int) -> float:
+def _splitmix_hash(row: int, seed: int) -> int:
     """Reference: the documented hash in plain Python integers."""
 
     def mix(z: int) -> int:
@@ -385,21 +436,24 @@ def _splitmix_unit(row: int, seed: int) -> float:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
         return z ^ (z >> 31)
 
-    return (mix((row * 0x9E3779B97F4A7C15 + mix(seed & _M64)) & _M64) >> 11) / 2**53
+    return mix((row * 0x9E3779B97F4A7C15 + mix(seed & _M64)) & _M64) >> 1
 
 
-def _parts(start: int, n: int, total: int | None, mode: str, fractions, seed: int = 0):
+def _parts(start: int, n: int, total: int, mode: str, fractions, seed: int = 0):
     return [split_mask(start, n, total, mode, fractions, p, seed) for p in range(len(fractions))]
 
 
 @pytest.mark.parametrize("mode", ["position", "random"])
-@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.8, 0.2)])
-def test_split_parts_partition_rows(mode: str, fractions: tuple[float, ...]) -> None:
-    n = 100_000
+@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.8, 0.2), (0.9, 0.1), (1.0,),
+                                       (0.0, 0.5, 0.5)])
+@pytest.mark.parametrize("n", [1, 10, 8999, 100_000])
+def test_split_parts_partition_rows_exactly(mode: str, fractions, n: int) -> None:
     masks = _parts(0, n, n, mode, fractions, seed=3)
     np.testing.assert_array_equal(np.sum(masks, axis=0), np.ones(n))
-    for mask, fraction in zip(masks, fractions, strict=True):
-        assert mask.mean() == pytest.approx(fraction, abs=0.01)
+    sizes = np.diff([0, *part_sizes(n, fractions), n])
+    assert [int(mask.sum()) for mask in masks] == sizes.tolist()
+    assert all(abs(size - fraction * n) <= 0.5 for size, fraction in zip(sizes, fractions,
+                                                                          strict=True))
 
 
 def test_position_split_is_contiguous() -> None:
@@ -421,16 +475,18 @@ def test_split_does_not_depend_on_chunking(mode: str) -> None:
     np.testing.assert_array_equal(whole, np.concatenate(pieces))
 
 
-def test_random_split_hash_and_seed() -> None:
+def test_random_split_ranks_rows_by_their_seeded_hash() -> None:
     fractions = (0.5, 0.3, 0.2)
     for seed in (0, 1, 12345, -1):
-        expected = [_splitmix_unit(row, seed) for row in range(5000, 5200)]
-        parts = np.searchsorted(np.cumsum(fractions)[:-1], expected, side="right")
-        masks = _parts(5000, 200, None, "random", fractions, seed)
-        np.testing.assert_array_equal(np.argmax(masks, axis=0), parts)
-    same = split_mask(0, 1000, None, "random", fractions, 0, seed=4)
-    np.testing.assert_array_equal(same, split_mask(0, 1000, None, "random", fractions, 0, 4))
-    assert (same != split_mask(0, 1000, None, "random", fractions, 0, 5)).any()
+        hashes = [_splitmix_hash(row, seed) for row in range(200)]
+        assert row_hash(np.arange(200), seed).tolist() == hashes
+        ranks = np.argsort(np.argsort(hashes))
+        expected = np.searchsorted([100, 160], ranks, side="right")
+        masks = _parts(0, 200, 200, "random", fractions, seed)
+        np.testing.assert_array_equal(np.argmax(masks, axis=0), expected)
+    same = split_mask(0, 1000, 1000, "random", fractions, 0, seed=4)
+    np.testing.assert_array_equal(same, split_mask(0, 1000, 1000, "random", fractions, 0, 4))
+    assert (same != split_mask(0, 1000, 1000, "random", fractions, 0, 5)).any()
 
 
 def test_split_arguments_are_checked() -> None:
@@ -438,8 +494,6 @@ def test_split_arguments_are_checked() -> None:
         split_mask(0, 10, 10, "random", (0.8, 0.1), 0, 0)
     with pytest.raises(ValueError, match="part"):
         split_mask(0, 10, 10, "random", (0.8, 0.2), 2, 0)
-    with pytest.raises(ValueError, match="total_rows"):
-        split_mask(0, 10, None, "position", (0.8, 0.2), 0, 0)
     with pytest.raises(ValueError, match="mode"):
         split_mask(0, 10, 10, "shuffle", (0.8, 0.2), 0, 0)
 
@@ -476,6 +530,15 @@ def test_iter_split_criteo_sample(shared_data: Path) -> None:
     first_valid = next(iter_split(path, spec, "position", (0.8, 0.1, 0.1), 1, 0, total_rows=8184))
     whole = _read(path, spec)
     assert first_valid.categorical["C3"][0] == whole.categorical["C3"][6547]
+
+
+def test_random_split_of_the_avazu_sample_is_exact(shared_data: Path) -> None:
+    path = _sample(shared_data, AVAZU)
+    spec = spec_for(path, "avazu")
+    for seed in (0, 1):
+        sizes = [sum(len(b) for b in iter_split(path, spec, "random", (0.8, 0.1, 0.1), part,
+                                                seed, 4096)) for part in range(3)]
+        assert sizes == [7199, 900, 900]
 
 
 def test_arrays_are_writable(shared_data: Path) -> None:

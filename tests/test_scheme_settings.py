@@ -42,9 +42,9 @@ def test_settings_round_trip_through_json(name):
 
 
 def test_a_record_names_only_its_schemes_settings():
-    assert QRSettings(collisions=8).to_dict() == {"scheme": "qr", "min_rows": 0, "collisions": 8,
+    assert QRSettings(collisions=8).to_dict() == {"scheme": "qr", "min_rows": None, "collisions": 8,
                                                   "operation": "mult"}
-    assert FullSettings().to_dict() == {"scheme": "full", "min_rows": 0}
+    assert FullSettings().to_dict() == {"scheme": "full", "min_rows": None}
 
 
 def test_an_unknown_setting_is_an_error_naming_the_scheme_and_its_settings():
@@ -94,7 +94,7 @@ def test_checkpoints_with_flat_records_load_as_before():
     # The first flat records had only the settings of full, hash, qr and kpart.
     first = {"scheme": "hash", "min_rows": 0, "compression": 2.0, "collisions": 4,
              "partitions": 3, "operation": "mult"}
-    assert settings_from_dict(first) == HashSettings(compression=2.0)
+    assert settings_from_dict(first) == HashSettings(min_rows=0, compression=2.0)
 
 
 def test_cli_scheme_flags_are_checked_against_the_scheme(tmp_path, capsys):
@@ -113,8 +113,8 @@ def test_reading_the_settings_loads_no_torch():
 
 
 def test_lma_settings_shared_by_a_memory_must_agree():
-    config = EmbeddingConfig(default=LMASettings(sample_rows=500),
-                             tables={"b": LMASettings(sample_rows=600)})
+    config = EmbeddingConfig(default=LMASettings(sample_rows=500, min_rows=0),
+                             tables={"b": LMASettings(sample_rows=600, min_rows=0)})
     with pytest.raises(ValueError, match="all lma tables share one memory: give them the same "
                                          "compression, seed, minhashes, sample_rows"):
         build_tables(["a", "b"], [50, 60], 4, config)

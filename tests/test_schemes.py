@@ -34,12 +34,12 @@ SIZES = [300, 5000, 40]
 DIM = 8
 
 
-def model_of(name: str) -> tuple[CTRModel, SchemeSettings]:
-    """A DLRM whose every table uses the scheme's default settings, holding values an export
-    must carry: quantized tables filled from random full ones, PEP tables masked to keep
-    exactly their ``pep_keep`` of all values."""
+def model_of(name: str, settings: SchemeSettings | None = None) -> tuple[CTRModel, SchemeSettings]:
+    """A DLRM whose every table uses the scheme's default settings (or ``settings``), holding
+    values an export must carry: quantized tables filled from random full ones, PEP tables
+    masked to keep exactly their ``pep_keep`` of all values."""
     torch.manual_seed(0)
-    settings = SETTINGS[name]()
+    settings = settings or SETTINGS[name]()
     config = ModelConfig(dim=DIM, bottom=(8,), top=(8,),
                          embeddings=EmbeddingConfig(default=settings))
     model = build_model(3, SIZES, NAMES, config).eval()

@@ -57,6 +57,23 @@ def test_vocabulary_ids_missing_and_oov():
     np.testing.assert_array_equal(out.dense[:, 1], 0.0)
 
 
+def test_unseen_values_are_counted_per_row_and_have_an_id_per_table():
+    transform = fit_transform(SPEC, [batch(500, 0)], TransformConfig())
+    assert transform.unseen_ids.tolist() == [OOV_ID] * 3
+    raw = RawBatch(
+        labels=None, dense={},
+        categorical={"C1": np.array(["00000001", "ffffffff", None, "eeeeeeee"], dtype=object),
+                     "C2": np.array(["w1", "w2", "never", "never"], dtype=object),
+                     "C3": np.array([1, 2, 3, 555])},
+    )
+    sparse = transform.transform(raw).sparse
+    # Missing is not unseen: row 2 has one unseen value (C2), row 3 three.
+    assert transform.unseen_counts(sparse).tolist() == [0, 1, 1, 3]
+    hashed = fit_transform(SPEC, [], TransformConfig(hash_buckets=97))
+    assert hashed.unseen_ids.tolist() == [MISSING_ID] * 3
+    assert hashed.unseen_counts(hashed.transform(raw).sparse).tolist() == [0, 0, 0, 0]
+
+
 def test_min_frequency_and_max_vocabulary():
     data = [batch(2000, 0)]
     full = fit_transform(SPEC, data, TransformConfig())

@@ -71,10 +71,10 @@ retrained model loads back masked.
 Serving stores, per table (``pack``): ``values`` fp32 [nnz], the kept values row-major; ``offsets``
 [n + 1], where row ``i``'s values start (int32 while ``nnz < 2**31``, int64 beyond); ``mask_bits``
 uint8 [n, ceil(D / 8)], bit ``j % 8`` of byte ``j // 8`` telling whether column ``j`` is kept;
-``dim`` int64 [1]. A lookup (``packed_lookup``) is gathers and bit operations only, expressible in
-ONNX standard ops (Gather, BitShift, BitwiseAnd, CumSum, Add, Where): unpack the row's bits, an
-exclusive prefix count of them gives each kept column's rank, ``offsets[id] + rank`` indexes
-``values``.
+``dim`` int64 [1]. A lookup (``packed_lookup``) is gathers and integer arithmetic only, expressible
+in ONNX standard ops with CUDA kernels (Gather, Div and Mod to unpack the bits, CumSum, Add,
+Where): unpack the row's bits, an exclusive prefix count of them gives each kept column's rank,
+``offsets[id] + rank`` indexes ``values``.
 
 Why about 9x, not 50x, at 98% pruning: a row costs ``4 p D`` bytes of values plus a fixed
 ``ceil(D / 8) + b`` bytes of index data (mask bits and a ``b``-byte offset), against ``4 D`` for

@@ -1,10 +1,11 @@
 """Each embedding scheme's settings, one small frozen dataclass per scheme, and the configuration
 that picks a scheme per table (``EmbeddingConfig``).
 
-Every settings type has ``min_rows`` (tables with fewer rows stay full, whatever the scheme) and
-only its own scheme's knobs; ``SETTINGS`` lists them by scheme name. What a scheme does with its
-settings (its tables, bytes and budget search) is in ``models/schemes.py``; this module imports
-no torch, so the CLI can offer the scheme names to every command, the server's included.
+Every settings type has ``min_rows`` (which tables stay full, whatever the scheme) and only its
+own scheme's knobs; ``SETTINGS`` lists them by scheme name. What a scheme does with its settings
+(its tables, bytes and budget search, and which tables it cannot shrink) is in
+``models/schemes.py``; this module imports no torch, so the CLI can offer the scheme names to
+every command, the server's included.
 
 In JSON a table's settings are one record, ``{"scheme": "qr", "collisions": 4, "min_rows":
 2000}``, and a model's embeddings are ``{"default": record, "tables": {"C5": record, ...}}``. A
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from .constants import INIT_STD
@@ -29,10 +30,16 @@ DEFAULT_THRESHOLD_INIT = math.log((INIT_STD / 100) / (1 - INIT_STD / 100))
 
 @dataclass(frozen=True, kw_only=True)
 class SchemeSettings:
-    """What every scheme has: tables with fewer than ``min_rows`` rows stay full."""
+    """What every scheme has: which tables stay full.
+
+    ``min_rows`` None (the default): a table stays full when the scheme cannot shrink it (a
+    two-value table hashed into one bucket, a QR table larger than the full one;
+    ``schemes.why_full``). A number: tables with fewer rows stay full and every other table
+    takes the scheme (0: every table, even one the scheme makes larger).
+    """
 
     scheme: ClassVar[str]
-    min_rows: int = 0
+    min_rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, **asdict(self)}
@@ -111,10 +118,19 @@ class FP16Settings(QuantizedSettings):
 class SharedMemorySettings(SchemeSettings):
     """All the model's tables of the scheme share one memory array ``compression`` times
     smaller than their full tables (metadata included); ``seed`` seeds the location hashes.
-    The settings of every table sharing the memory must agree."""
+    The settings of every table sharing the memory must agree.
+
+    ``seed`` None (the default) takes the training seed (``EmbeddingConfig.with_seed``), so
+    trainings with different seeds hash differently and their spread shows the hashes' share;
+    tables built outside training with no seed use 0 (``hash_seed``).
+    """
 
     compression: float = 4.0
-    seed: int = 0
+    seed: int | None = None
+
+    @property
+    def hash_seed(self) -> int:
+        return 0 if self.seed is None else self.seed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,11 +193,6 @@ def settings_from_dict(record: Mapping[str, Any],
     return settings_type(**{**inherited, **values})
 
 
-def effective_settings(settings: SchemeSettings, rows: int) -> SchemeSettings:
-    """The settings a table of ``rows`` rows gets: tables under ``min_rows`` stay full."""
-    return FullSettings() if rows < settings.min_rows else settings
-
-
 @dataclass(frozen=True)
 class EmbeddingConfig:
     """A default scheme for every table, with per-table overrides by column name."""
@@ -197,6 +208,16 @@ class EmbeddingConfig:
             "default": self.default.to_dict(),
             "tables": {name: settings.to_dict() for name, settings in self.tables.items()},
         }
+
+    def with_seed(self, seed: int) -> EmbeddingConfig:
+        """The same configuration with shared-memory hashes left unseeded seeded by ``seed``."""
+        def seeded(settings: SchemeSettings) -> SchemeSettings:
+            if isinstance(settings, SharedMemorySettings) and settings.seed is None:
+                return replace(settings, seed=seed)
+            return settings
+
+        return EmbeddingConfig(default=seeded(self.default),
+                               tables={name: seeded(s) for name, s in self.tables.items()})
 
     def for_training(self) -> EmbeddingConfig:
         """The same configuration with tables to be quantized after training trained full."""
