@@ -143,8 +143,9 @@ def config_from(args: argparse.Namespace) -> PeersConfig:
         raise ValueError(f"--peer-python: unknown peer {unknown[0]!r} (choose from "
                          f"{', '.join(PINS)})")
     return PeersConfig(
-        out=Path(args.out), package=Path(args.package) if args.package else None,
-        work=Path(args.work), targets=args.targets, rows=args.rows, clients=args.clients,
+        out=Path(args.out).resolve(),
+        package=Path(args.package).resolve() if args.package else None,
+        work=Path(args.work).resolve(), targets=args.targets, rows=args.rows, clients=args.clients,
         single_clients=args.single_clients, idle_rate=args.idle_rate,
         open_fraction=args.open_fraction, peak_clients=args.peak_clients,
         bound_ms=args.bound_ms, rounds=args.rounds, duration_s=args.duration,
@@ -152,6 +153,6 @@ def config_from(args: argparse.Namespace) -> PeersConfig:
         ceiling_s=args.ceiling_seconds, client=args.client,
         service_variants={label: flags.split() for label, flags in args.service_variant},
         venvs=Path(args.venvs), peer_python=dict(args.peer_python),
-        memory_package=Path(args.memory_package) if args.memory_package else None,
+        memory_package=Path(args.memory_package).resolve() if args.memory_package else None,
         memory_duration_s=args.memory_duration, profile=args.profile, timeout_s=args.timeout,
     )
