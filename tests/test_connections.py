@@ -87,11 +87,12 @@ def good_traffic(url: str, body: dict, seconds: float, clients: int = 2) -> Traf
 
 def open_half_open(port: int, count: int, head: bytes = PARTIAL_HEAD,
                    ) -> list[tuple[socket.socket, float]]:
-    """``count`` connections that sent ``head`` and then nothing, with when each connected."""
+    """``count`` connections that sent ``head`` and then nothing, each with the time just before
+    it connected (never after the server started its timer, however late this thread runs)."""
     opened = []
     for _ in range(count):
-        connection = socket.create_connection((HOST, port), timeout=5)
         connected = time.monotonic()
+        connection = socket.create_connection((HOST, port), timeout=5)
         if head:
             connection.sendall(head)
         opened.append((connection, connected))

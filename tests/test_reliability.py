@@ -264,8 +264,12 @@ def test_overload_is_shed_at_once_and_the_service_recovers(trained):
     print(f"overload, 48 clients x 64 rows for 6 s, queue of 512 rows: {counts}")
     assert set(counts) <= {"200", "503"}
     assert counts.get("503", 0) > 0 and counts.get("200", 0) > 0
-    rejected = sorted(outcomes["503"])
-    assert rejected[len(rejected) // 2] < 0.5  # refusals do not wait in the queue
+    # Refusals do not wait in the queue: the median refusal is answered sooner than the median
+    # answer (relative, so that a loaded machine slowing both does not decide it).
+    rejected, answered = sorted(outcomes["503"]), sorted(outcomes["200"])
+    print(f"median refusal {rejected[len(rejected) // 2]:.3f} s, median answer "
+          f"{answered[len(answered) // 2]:.3f} s")
+    assert rejected[len(rejected) // 2] < answered[len(answered) // 2]
     assert after.status_code == 200
     assert re.search(r'ctrserve_queue_rows\{model="ctr"\} 0\.0', depth)
 
