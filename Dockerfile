@@ -9,7 +9,9 @@
 #                                                         # and cuDNN 9 libraries (NVIDIA runtime)
 #
 # Every image runs as the non-root user ctrserve (uid 10001). The serving images read the model
-# repository from the volume /models (REPO/NAME/VERSION/ packages) and listen on 0.0.0.0:8000.
+# repository from the volume /models (REPO/NAME/VERSION/ packages), or from S3-compatible storage
+# with CTRSERVE_REPO=s3://BUCKET/PREFIX (the s3 extra, boto3, is installed for it), and listen on
+# 0.0.0.0:8000.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -58,7 +60,7 @@ COPY models/__init__.py models/keys.py models/schema.py models/transform.py mode
 COPY export/__init__.py export/package.py export/
 COPY service service
 RUN ln -s ../models ../export ../service ctrserve/ \
-    && pip install -c requirements/constraints.txt . \
+    && pip install -c requirements/constraints.txt ".[s3]" \
     && mkdir -p /models \
     && chown ctrserve:ctrserve /models
 ENV CTRSERVE_REPO=/models \

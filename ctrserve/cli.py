@@ -170,10 +170,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             "out-of-vocabulary), so the rows unseen values take in serving "
                             "learn (0: none)")
     group.add_argument("--no-progress", action="store_true")
+    group.add_argument("--distributed", action="store_true",
+                       help="train as one of the processes torchrun starts (torchrun "
+                            "--nproc-per-node N -m ctrserve train ...; assumed under torchrun "
+                            "without the flag): each reads its share of the rows, --batch-size "
+                            "is the global batch, rank 0 writes the checkpoint")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ctrserve.models import distributed
     from ctrserve.models.train import TrainConfig, fit
+    from ctrserve.models.trainer import pick_device
     from ctrserve.models.transform import TransformConfig
 
     from .tables import print_metrics, print_tables
@@ -188,7 +195,16 @@ def run_train(args: argparse.Namespace) -> int:
     transform_config = TransformConfig(
         min_frequency=args.min_frequency, hash_buckets=args.hash_buckets, hash_seed=args.seed
     )
-    result = fit(data, model, train_config, transform_config, args.out)
+    world = None
+    if args.distributed or distributed.launched_by_torchrun():
+        world = distributed.start(pick_device(args.device))
+    try:
+        result = fit(data, model, train_config, transform_config, args.out, world)
+    finally:
+        if world is not None:
+            distributed.stop()
+    if world is not None and not world.leads:
+        return 0
     print_tables(result["tables"])
     if result["stopped_early"]:
         print(f"stopped after epoch {len(result['history'])}: no better validation AUC in "
@@ -196,6 +212,9 @@ def run_train(args: argparse.Namespace) -> int:
     for part in ("valid", "test"):
         if result["metrics"][part]:
             print_metrics(f"{part} (best epoch {result['best_epoch']})", result["metrics"][part])
+    if world is not None:
+        print(f"trained by {world.size} processes ({world.device.type}), the global batch "
+              f"{args.batch_size} rows, {args.batch_size // world.size} a process")
     print(f"checkpoint: {args.out} (its column spec: {args.out}/spec.json)")
     return 0
 
@@ -557,7 +576,7 @@ COMMANDS: dict[str, Command] = {
 
 #: Packages of the optional extras, by the extra that installs them.
 EXTRAS = {"torch": "train", "onnx": "train", "onnxscript": "train", "matplotlib": "train",
-          "aiohttp": "bench", "locust": "bench"}
+          "aiohttp": "bench", "locust": "bench", "boto3": "s3", "botocore": "s3"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """The model package: what ``ctrserve export`` writes and the server loads.
 
 A repository holds ``<repo>/<name>/<version>/`` (Triton's layout; versions are positive
-integers). A package directory holds:
+integers), or is itself one package: what KServe's storage initializer leaves in ``/mnt/models``
+when an InferenceService's storageUri names a package; such a repository holds the one version
+of the one model its manifest names (``root_package``). A package directory holds:
 
 - ``model.onnx`` (and ``model.onnx.data`` when the tensors pass protobuf's 2 GB limit);
 - ``transform/transform.json`` and ``transform/vocabulary.npz``: the feature transform;
@@ -138,11 +140,12 @@ def load_package(directory: str | Path, verify: bool = True) -> Package:
 
 
 def load_version(repo: str | Path, name: str, version: int, verify: bool = True) -> Package:
-    """The package ``repo/name/version``, refused when its manifest names another model or
-    version (a version directory copied under a new number, say): served, it would answer
-    under numbers that are not the ones the repository shows, and every scan for a newer
-    version would load it again. Every problem found is named, damaged files included."""
-    directory = Path(repo) / name / str(version)
+    """The package of version ``version`` of ``name`` (``version_directory``), refused when its
+    manifest names another model or version (a version directory copied under a new number,
+    say): served, it would answer under numbers that are not the ones the repository shows, and
+    every scan for a newer version would load it again. Every problem found is named, damaged
+    files included."""
+    directory = version_directory(repo, name, version)
     manifest = read_manifest(directory)
     problems = []
     claimed = (manifest["name"], manifest["version"])
@@ -174,6 +177,42 @@ def files_fingerprint(directory: str | Path) -> tuple[tuple[str, int, int], ...]
     return tuple(entries)
 
 
+def root_package(repo: str | Path) -> tuple[str, int] | None:
+    """The model and version of the package ``repo`` itself is, if it is one (a manifest that
+    names a valid model name and a positive version; whether the rest of it is sound is
+    ``load_version``'s to say, with the reason); None for a repository of ``NAME/VERSION/``
+    directories."""
+    path = Path(repo) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    name, version = manifest.get("name"), manifest.get("version")
+    if isinstance(name, str) and valid_model_name(name) and isinstance(version, int) and (
+            version > 0):
+        return name, version
+    return None
+
+
+def version_directory(repo: str | Path, name: str, version: int) -> Path:
+    """Where version ``version`` of ``name`` lies: ``repo`` itself when it is that package, else
+    ``repo/name/version``."""
+    if root_package(repo) == (name, version):
+        return Path(repo)
+    return Path(repo) / name / str(version)
+
+
+def model_versions(repo: str | Path, name: str) -> list[int]:
+    """The versions of ``name`` in a repository, ascending (a repository that is one package
+    has its one version)."""
+    root = root_package(repo)
+    if root is not None:
+        return [root[1]] if root[0] == name else []
+    return versions(Path(repo) / name)
+
+
 def versions(model_directory: str | Path) -> list[int]:
     """The integer version directories of one model in a repository, ascending."""
     model_directory = Path(model_directory)
@@ -191,15 +230,18 @@ def models_on_disk(repo: str | Path, names: list[str]) -> list[str]:
     ``repo``."""
     if not names:
         return model_names(repo)
-    return [name for name in names if valid_model_name(name) and versions(Path(repo) / name)]
+    return [name for name in names if valid_model_name(name) and model_versions(repo, name)]
 
 
 def model_names(repo: str | Path) -> list[str]:
     """The models of a repository: directories with a valid model name and at least one version,
-    lying inside the repository (a symbolic link out of it is not a model)."""
+    lying inside the repository (a symbolic link out of it is not a model); for a repository
+    that is one package, its model."""
     repo = Path(repo)
     if not repo.is_dir():
         return []
+    if (package := root_package(repo)) is not None:
+        return [package[0]]
     root = repo.resolve()
     return sorted(
         child.name for child in repo.iterdir()

@@ -8,10 +8,15 @@
   feature store), only when ``CTRSERVE_LOCUST_RANK`` is set (see below): it needs a model with a
   feature view and a loaded store (Redis).
 
-Headless, bounded, loopback only (the host must be 127.0.0.0/8, localhost or [::1]):
+Headless, bounded, loopback only by default (the host must be 127.0.0.0/8, localhost or
+[::1]):
 
     CTRSERVE_LOCUST_PACKAGE=runs/demo/repo/demo/1 locust -f loadtest/locustfile.py --headless \\
         --host http://127.0.0.1:8000 -u 32 -r 32 --run-time 60s --csv runs/locust/demo
+
+A staging cluster (docs/kubernetes.md) is a target only when named, exactly, besides the host:
+``--allow-host staging.example.com`` (or ``CTRSERVE_LOCUST_ALLOW_HOST``) with
+``--host https://staging.example.com``; any other host is still refused.
 
 Settings (environment):
 
@@ -66,11 +71,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@events.init_command_line_parser.add_listener
+def _allow_host_flag(parser) -> None:
+    parser.add_argument("--allow-host", default="", env_var="CTRSERVE_LOCUST_ALLOW_HOST",
+                        help="a host name besides loopback that this file may target (a "
+                             "staging cluster), exactly as in --host")
+
+
 @events.init.add_listener
 def _loopback_only(environment, **_) -> None:
-    if not _is_loopback(environment.host or ""):
+    """Refuses any host but loopback and the one named by --allow-host."""
+    host = environment.host or ""
+    options = environment.parsed_options
+    allowed = (options.allow_host if options is not None else "").lower()
+    if not (_is_loopback(host) or (allowed and (urlsplit(host).hostname or "") == allowed)):
         raise SystemExit(f"ctrserve's locustfile only targets loopback addresses, not "
-                         f"{environment.host!r}")
+                         f"{host!r} (name a staging host with --allow-host)")
 
 
 @events.test_start.add_listener
@@ -83,7 +99,8 @@ def _describe(environment, **_) -> None:
 
 def _check_json(response, rows: int) -> None:
     if response.status_code != 200:
-        response.failure(f"status {response.status_code}: {response.text[:200]}")
+        # no text when the request never got an answer (the host unreachable)
+        response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
         return
     got = len(orjson.loads(response.content)["probabilities"])
     if got != rows:
@@ -92,7 +109,7 @@ def _check_json(response, rows: int) -> None:
 
 def _check_binary(response, rows: int) -> None:
     if response.status_code != 200:
-        response.failure(f"status {response.status_code}: {response.text[:200]}")
+        response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
         return
     header = int(response.headers["Inference-Header-Content-Length"])
     if len(response.content) - header != 4 * rows:

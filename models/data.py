@@ -75,16 +75,24 @@ class DataConfig:
             return replace(DatasetSpec.from_dict(self.column_spec), format=self.format)
         return spec_for(path, self.format, self.spec_path)
 
+    def part_source(self, part: str) -> tuple[str, DatasetSpec, int | None]:
+        """The file ``part`` is read from, its spec, and the part's index among the parts cut
+        from ``path`` (None: the part is the whole of a file of its own)."""
+        own_file = {"valid": self.valid_path, "test": self.test_path}.get(part)
+        if own_file:
+            return own_file, self._spec_of(own_file), None
+        return self.path, self.spec(), self.cut_parts().index(part)
+
     def batches(
         self, part: str, batch_rows: int = 65536, stats: ReadStats | None = None
     ) -> Iterator[RawBatch]:
         """Raw batches of one part: ``train``, ``valid`` or ``test``."""
-        own_file = {"valid": self.valid_path, "test": self.test_path}.get(part)
-        if own_file:
-            yield from iter_batches(own_file, self._spec_of(own_file), batch_rows=batch_rows,
-                                    on_error=self.on_error, stats=stats)
+        path, spec, cut = self.part_source(part)
+        if cut is None:
+            yield from iter_batches(path, spec, batch_rows=batch_rows, on_error=self.on_error,
+                                    stats=stats)
             return
         yield from iter_split(
-            self.path, self.spec(), self.split, self.fractions, self.cut_parts().index(part),
-            self.split_seed, batch_rows=batch_rows, on_error=self.on_error, stats=stats,
+            path, spec, self.split, self.fractions, cut, self.split_seed,
+            batch_rows=batch_rows, on_error=self.on_error, stats=stats,
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .distributed import World
 from .dlrm import CTRModel
 from .embeddings.pep import PEPTable, share_thresholds
 from .trainer import TrainConfig, Trainer
@@ -95,7 +96,7 @@ def shuffled_batches(trainer: Trainer, batches: Callable[[], Iterable[Transforme
 
 def search_mask(model: CTRModel, batches: Callable[[], Iterable[TransformedBatch]],
                 config: SearchConfig, train_config: TrainConfig,
-                unseen_ids: np.ndarray | None = None) -> SearchResult:
+                unseen_ids: np.ndarray | None = None, world: World | None = None) -> SearchResult:
     """Trains ``model`` in place until its tables keep ``config.target`` of their full values.
 
     Only the PEP tables shrink; the others count as they are. ``batches`` gives one epoch of
@@ -103,7 +104,9 @@ def search_mask(model: CTRModel, batches: Callable[[], Iterable[TransformedBatch
     (``share_thresholds``). Raises if ``config.max_steps`` pass first. ``train_config`` gives
     the batch size, learning rates, seed and device (its ``epochs`` is not used), and with
     ``unseen_ids`` the share of values hidden as unknown (``trainer.hide_values``), so the rows
-    of unknown values are trained, and judged by the mask, like the others.
+    of unknown values are trained, and judged by the mask, like the others. With ``world`` every
+    process searches on its rows, the thresholds' gradients averaged like the others; the
+    replicas stay identical, so every process stops at the same step with the same masks.
     """
     tables = pep_tables(model)
     if not tables:
@@ -115,7 +118,7 @@ def search_mask(model: CTRModel, batches: Callable[[], Iterable[TransformedBatch
                          f"values, above the target {config.target}")
     share_thresholds(model)
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    trainer = Trainer(model, train_config, unseen_ids)
+    trainer = Trainer(model, train_config, unseen_ids, world)
     growth = math.exp(config.drift)
     history: list[dict] = []
     loss_sum, losses = 0.0, 0

@@ -72,6 +72,17 @@ class ReadStats:
     first_skipped_lines: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """A piece of a file a reader can start at (``shards.py`` cuts them): bytes ``start`` to
+    ``end`` of a text file, whole lines, the first of them line ``first_line``; or row groups
+    ``start`` to ``end`` of a Parquet file, the first of their rows row ``first_line``."""
+
+    start: int
+    end: int
+    first_line: int
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -203,8 +214,10 @@ def iter_batches(
     on_error: str = "raise",
     *,
     stats: ReadStats | None = None,
+    file_range: FileRange | None = None,
 ) -> Iterator[RawBatch]:
-    """Stream ``path`` as RawBatch chunks of at most ``batch_rows`` rows, in file order.
+    """Stream ``path`` (only ``file_range`` of it, when given) as RawBatch chunks of at most
+    ``batch_rows`` rows, in file order.
 
     ``on_error="raise"`` raises :class:`MalformedRowError` at the first malformed row (wrong
     field count, unparseable number or libfm token, missing label or one outside the label
@@ -220,11 +233,13 @@ def iter_batches(
     stats = ReadStats() if stats is None else stats
     is_text = spec.format != "parquet"
     if is_text:
-        lines = _LineMap(first_row_line=2 if spec.header else 1)
-        tables = _rechunk(_text_batches(path, spec, lines), batch_rows)
+        source, offset = _text_source(path, spec, file_range)
+        lines = _LineMap(first_row_line=(2 if spec.header else 1) + offset, offset=offset)
+        tables = _rechunk(_text_batches(source, spec, lines), batch_rows)
     else:
-        lines = _LineMap(first_row_line=1)
-        tables = _parquet_tables(path, spec, batch_rows)
+        groups = None if file_range is None else range(file_range.start, file_range.end)
+        lines = _LineMap(first_row_line=1 if file_range is None else file_range.first_line)
+        tables = _parquet_tables(path, spec, batch_rows, groups)
     report = _Reporter(path, "line" if is_text else "row", on_error, stats)
 
     for table in tables:
@@ -251,17 +266,23 @@ def iter_batches(
     report(rejected, len(rejected))
 
 
-def count_rows(path: str | Path, spec: DatasetSpec) -> int:
-    """Number of data rows, streaming (parquet: from the metadata).
+def count_rows(path: str | Path, spec: DatasetSpec, file_range: FileRange | None = None) -> int:
+    """Number of data rows (of ``file_range`` only, when given), streaming (parquet: from the
+    metadata).
 
     Counts the non-blank lines with the right number of fields; rows that fail later checks
     (a bad number, a missing label) are counted, so this can exceed what a skipping read yields.
     """
     if spec.format == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        metadata = pq.ParquetFile(path).metadata
+        if file_range is None:
+            return metadata.num_rows
+        return sum(metadata.row_group(group).num_rows
+                   for group in range(file_range.start, file_range.end))
     first = _used_columns(spec)[:1]
+    source, _ = _text_source(path, spec, file_range)
     reader = pcsv.open_csv(
-        path,
+        source,
         read_options=_read_options(spec, use_threads=True),
         parse_options=_parse_options(spec, lambda row: "skip", ignore_empty_lines=True),
         convert_options=_convert_options(first),
@@ -273,18 +294,20 @@ class _LineMap:
     """Line numbers of the rows the CSV reader hands out, in order.
 
     Every row the parser returns is one line; between them are the lines it rejected (wrong
-    field count), which the invalid-row handler records here, in file order, as it parses.
+    field count), which the invalid-row handler records here, in file order, as it parses. The
+    parser numbers the lines it reads; ``offset`` turns them into the file's (``_text_source``).
     """
 
-    def __init__(self, first_row_line: int) -> None:
+    def __init__(self, first_row_line: int, offset: int = 0) -> None:
         #: Line of the last row handed out (the header's line, or 0).
         self.last = first_row_line - 1
+        self.offset = offset
         #: (line, reason) of rejected lines after ``last``.
         self.rejected: list[tuple[int, str]] = []
 
     def reject(self, row: pcsv.InvalidRow) -> str:
         reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
-        self.rejected.append((row.number, reason))
+        self.rejected.append((row.number + self.offset, reason))
         return "skip"
 
     def line_of(self, row: int) -> int:
@@ -374,10 +397,25 @@ def _convert_options(columns: list[str]) -> pcsv.ConvertOptions:
     )
 
 
-def _text_batches(path: str | Path, spec: DatasetSpec, lines: _LineMap) -> Iterator[pa.RecordBatch]:
+def _text_source(path: str | Path, spec: DatasetSpec, file_range: FileRange | None
+                 ) -> tuple[str | Path | pa.BufferReader, int]:
+    """What the CSV reader parses for ``file_range`` (None: the whole file), and what turns the
+    line numbers it reports into the file's. A range past the start is read into memory behind
+    the header line (which names the columns), when the format has one."""
+    if file_range is None:
+        return path, 0
+    with open(path, "rb") as file:
+        header = file.readline() if spec.header and file_range.start > 0 else b""
+        file.seek(file_range.start)
+        text = file.read(file_range.end - file_range.start)
+    return pa.BufferReader(header + text), file_range.first_line - 1 - (1 if header else 0)
+
+
+def _text_batches(source: str | Path | pa.BufferReader, spec: DatasetSpec,
+                  lines: _LineMap) -> Iterator[pa.RecordBatch]:
     columns = _used_columns(spec)
     yield from pcsv.open_csv(
-        path,
+        source,
         read_options=_read_options(spec, use_threads=False),
         parse_options=_parse_options(spec, lines.reject, ignore_empty_lines=False),
         convert_options=_convert_options(columns),
@@ -400,8 +438,12 @@ def _rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
         yield pa.Table.from_batches(pending)
 
 
-def _parquet_tables(path: str | Path, spec: DatasetSpec, rows: int) -> Iterator[pa.Table]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=_used_columns(spec)):
+def _parquet_tables(path: str | Path, spec: DatasetSpec, rows: int,
+                    groups: range | None = None) -> Iterator[pa.Table]:
+    """Tables of ``rows`` rows of the row ``groups`` (None: all of them)."""
+    batches = pq.ParquetFile(path).iter_batches(batch_size=rows, row_groups=groups,
+                                                columns=_used_columns(spec))
+    for batch in batches:
         if batch.num_rows:
             yield pa.Table.from_batches([batch])
 

@@ -1,6 +1,7 @@
 """One training step of a CTR model and the epoch loop around it: the optimizers (SparseAdam for
 sparse embedding weights, Adam for the rest), the values hidden as unknown, and the device.
-``train.py`` streams the data through it; the PEP mask search (``pep_search.py``) steps it too."""
+``train.py`` streams the data through it; the PEP mask search (``pep_search.py``) steps it too.
+As one of several processes (``distributed.py``) it steps the model's DDP replica."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .distributed import TableGradients, World, replicate, sums
 from .dlrm import CTRModel
 from .transform import MISSING_ID, TransformedBatch
 
@@ -93,37 +95,52 @@ def optimizers(model: CTRModel, config: TrainConfig) -> list[torch.optim.Optimiz
 class Trainer:
     """Steps ``model``; with ``unseen_ids`` (one id per table, ``FeatureTransform.unseen_ids``)
     and a positive ``config.unknown_rate`` it hides values in that share of the training rows
-    (``hide_values``)."""
+    (``hide_values``).
+
+    With ``world`` this process is one of several: it steps ``config.batch_size`` rows, its share
+    of the global batch, on the device of its rank, through the model's DDP replica, its
+    gradients averaged with the other processes' (DDP's, and ``table_gradients``, which also
+    counts the bytes exchanged), and shuffles and hides values with a generator of its own."""
 
     def __init__(self, model: CTRModel, config: TrainConfig,
-                 unseen_ids: np.ndarray | None = None) -> None:
+                 unseen_ids: np.ndarray | None = None, world: World | None = None) -> None:
         self.config = config
-        self.device = pick_device(config.device)
+        self.world = world
+        self.device = pick_device(config.device) if world is None else world.device
         self.model = model.to(self.device)
+        self.table_gradients: TableGradients | None = None
+        self.network: nn.Module = self.model
+        if world is not None:
+            self.network, self.table_gradients = replicate(self.model, world)
         self.optimizers = optimizers(model, config)
         self.loss = nn.BCEWithLogitsLoss()
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = np.random.default_rng(config.seed if world is None
+                                         else [config.seed, world.rank])
         self.unseen_ids = unseen_ids
 
     def step(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> float:
         self.model.train()
         if self.unseen_ids is not None and self.config.unknown_rate > 0:
             sparse = hide_values(sparse, self.config.unknown_rate, self.unseen_ids, self.rng)
-        logits = self.model(
+        logits = self.network(
             torch.from_numpy(dense).to(self.device), torch.from_numpy(sparse).to(self.device)
         )
         loss = self.loss(logits, torch.from_numpy(labels).to(self.device))
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.table_gradients is not None:
+            self.table_gradients.average()
         for optimizer in self.optimizers:
             optimizer.step()
         return float(loss.detach())
 
     def epoch(self, chunks: Iterable[TransformedBatch], bar: tqdm) -> tuple[int, float]:
-        """One pass, shuffled within each chunk; returns rows seen and mean loss."""
+        """One pass, shuffled within each chunk; returns rows seen and mean loss (of every
+        process, with ``world``)."""
         rows, loss_sum, running = 0, 0.0, None
         size = self.config.batch_size
+        processes = 1 if self.world is None else self.world.size
         for chunk in chunks:
             labels = chunk.training_labels()
             order = self.rng.permutation(len(chunk))
@@ -133,6 +150,9 @@ class Trainer:
                 rows += len(index)
                 loss_sum += loss * len(index)
                 running = loss if running is None else 0.98 * running + 0.02 * loss
-                bar.update(len(index))
+                bar.update(len(index) * processes)
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        if self.world is not None:
+            total_rows, loss_sum = sums(rows, loss_sum)
+            rows = int(total_rows)
         return rows, loss_sum / max(rows, 1)

@@ -238,10 +238,45 @@ class TransformConfig:
     dense_fill: float = 0.0
 
 
+#: Each categorical column's distinct keys (sorted) and how often each occurs, by column name.
+KeyCounts = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
 def fit_transform(
     spec: DatasetSpec, batches: Iterable[RawBatch], config: TransformConfig
 ) -> FeatureTransform:
-    """Fits vocabularies in one streaming pass over ``batches``."""
+    """Fits vocabularies in one streaming pass over ``batches`` (not read with
+    ``hash_buckets``)."""
+    counts = {} if config.hash_buckets else count_keys(spec, batches)
+    return transform_from_counts(spec, counts, config)
+
+
+def count_keys(spec: DatasetSpec, batches: Iterable[RawBatch]) -> KeyCounts:
+    """The keys of ``batches``' categorical values and how often each occurs, in one pass."""
+    counters = {column.name: _KeyCounter() for column in spec.categorical}
+    for batch in batches:
+        for column in spec.categorical:
+            keys, missing = to_keys(column.name, column.kind, batch.categorical[column.name])
+            counters[column.name].add(keys[~missing])
+    return {name: counter.result() for name, counter in counters.items()}
+
+
+def merge_counts(parts: list[KeyCounts]) -> KeyCounts:
+    """The counts of several ``count_keys`` passes added up: those of all their rows."""
+    merged = {}
+    for name in parts[0]:
+        keys, inverse = np.unique(np.concatenate([part[name][0] for part in parts]),
+                                  return_inverse=True)
+        counts = np.concatenate([part[name][1] for part in parts])
+        merged[name] = (keys, np.bincount(inverse, weights=counts,
+                                          minlength=len(keys)).astype(np.int64))
+    return merged
+
+
+def transform_from_counts(spec: DatasetSpec, counts: KeyCounts,
+                          config: TransformConfig) -> FeatureTransform:
+    """The transform ``config`` makes of the key ``counts`` (``count_keys``; not read with
+    ``hash_buckets``)."""
     dense = [DenseEncoder(name, config.dense_fill, config.dense_log) for name in spec.dense]
     if config.hash_buckets:
         if config.hash_buckets < 2:
@@ -251,18 +286,13 @@ def fit_transform(
             for column in spec.categorical
         ]
         return FeatureTransform(spec, dense, categorical)
-    counters = {column.name: _KeyCounter() for column in spec.categorical}
-    for batch in batches:
-        for column in spec.categorical:
-            keys, missing = to_keys(column.name, column.kind, batch.categorical[column.name])
-            counters[column.name].add(keys[~missing])
     categorical = []
     for column in spec.categorical:
-        keys, counts = counters[column.name].result()
-        keep = counts >= config.min_frequency
-        keys, counts = keys[keep], counts[keep]
+        keys, occurrences = counts[column.name]
+        keep = occurrences >= config.min_frequency
+        keys, occurrences = keys[keep], occurrences[keep]
         if config.max_vocabulary is not None and len(keys) > config.max_vocabulary:
-            most_frequent = np.argsort(-counts, kind="stable")[: config.max_vocabulary]
+            most_frequent = np.argsort(-occurrences, kind="stable")[: config.max_vocabulary]
             keys = np.sort(keys[most_frequent])
         categorical.append(CategoricalEncoder(column, "vocab", vocabulary=keys))
     return FeatureTransform(spec, dense, categorical)

@@ -59,20 +59,28 @@ class ControlFile:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return ControlRecord()
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ControlUnavailable(f"{self.path}: unreadable control record ({error})") from None
         return ControlRecord(int(data.get("generation", 0)), dict(data.get("models", {})))
 
     async def update(self, name: str, loaded: bool, version: int | None) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            record = await self.read()
-            record.models[name] = {"loaded": loaded, "version": version}
-            staging = self.path.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps(
-                {"generation": record.generation + 1, "models": record.models}, indent=2) + "\n")
-            os.replace(staging, self.path)
+        """Writes the change under the repository. A repository the server cannot write (a
+        read-only volume, KServe's ``/mnt/models``) leaves the record unavailable, not the
+        request failed: the change holds in this worker and is reported as not recorded."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(self.lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                record = await self.read()
+                record.models[name] = {"loaded": loaded, "version": version}
+                staging = self.path.with_suffix(f".{os.getpid()}.tmp")
+                staging.write_text(json.dumps(
+                    {"generation": record.generation + 1, "models": record.models},
+                    indent=2) + "\n")
+                os.replace(staging, self.path)
+        except OSError as error:
+            raise ControlUnavailable(f"{self.path}: cannot write the control record "
+                                     f"({error.strerror or error})") from None
 
     async def listen(self, on_change: Callable[[], Awaitable[None]]) -> None:
         """Files give no notice: workers find changes by reading the record periodically."""

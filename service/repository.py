@@ -10,6 +10,11 @@ do not try it again until its files change.
 The models a worker must serve to be ready (``expected()``) are the configured ones (the named
 models, else every model of the repository), plus those explicitly loaded and less those
 explicitly unloaded through the repository routes, as the control record says.
+
+An s3:// repository is served from its local cache (``object_store.py``): the start and every
+scan first fetch what is new in the bucket; a version that fails to fetch (a download that
+fails, a file whose sha256 disagrees with the manifest) never reaches the cache, and is reported
+as one that fails to load is (log, repository index, load-failure counter).
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctrserve.export.package import (
     PackageError,
     files_fingerprint,
     load_version,
     model_names,
+    model_versions,
     valid_model_name,
-    versions,
+    version_directory,
 )
 
 from . import metrics
@@ -37,6 +44,9 @@ from .cuda import CudaOptions, worker_options
 from .errors import BadRequest, NotFound
 from .runtime import ModelLoadError, ModelRuntime, cpu_threads, load_runtime
 from .settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from .object_store import FetchFailure, ObjectStoreRepository
 
 log = logging.getLogger("ctrserve.repository")
 
@@ -63,7 +73,9 @@ class ModelState:
 class ModelRepository:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.root = Path(settings.repo)
+        #: The bucket of an s3:// repository, whose packages are fetched into ``root``.
+        self.store = _object_store(settings)
+        self.root = self.store.local_root if self.store else Path(settings.repo)
         self.control = (RedisControl(settings.redis_url, settings.redis_namespace,
                                      settings.redis_timeout_ms)
                         if settings.redis_url else ControlFile(self.root))
@@ -131,7 +143,7 @@ class ModelRepository:
             state = self.state(name)
             rows.append({"name": name, "version": str(state.version or ""), "state": state.state,
                          "reason": state.reason,
-                         "versions_on_disk": versions(self.root / name)})
+                         "versions_on_disk": model_versions(self.root, name)})
         return rows
 
     # -- changing what is served --------------------------------------------------------------
@@ -151,9 +163,10 @@ class ModelRepository:
         return directory
 
     def _wanted_version(self, name: str, version: int | None) -> int:
-        directory = self._model_directory(name)
-        on_disk = [v for v in versions(directory)
-                   if (directory / str(v)).resolve().is_relative_to(self.root.resolve())]
+        self._model_directory(name)  # refuses a name that could leave the repository
+        root = self.root.resolve()
+        on_disk = [v for v in model_versions(self.root, name)
+                   if version_directory(self.root, name, v).resolve().is_relative_to(root)]
         if not on_disk:
             raise NotFound(f"model {name!r} has no versions in {self.root}")
         version = version or self.settings.versions.get(name) or on_disk[-1]
@@ -170,7 +183,7 @@ class ModelRepository:
                 return current
             state = self._states.setdefault(name, ModelState(name))
             # Taken before loading: files replaced during the load count as a change.
-            fingerprint = files_fingerprint(self.root / name / str(version))
+            fingerprint = files_fingerprint(version_directory(self.root, name, version))
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             try:
@@ -208,7 +221,7 @@ class ModelRepository:
         """Whether ``version`` of ``name`` failed to load and its files are still the same."""
         failed = self._failed.get(name)
         return failed is not None and failed[0] == version and failed[1] == files_fingerprint(
-            self.root / name / str(version))
+            version_directory(self.root, name, version))
 
     async def unload(self, name: str) -> None:
         async with self._lock(name):
@@ -244,25 +257,32 @@ class ModelRepository:
         self._decisions.update({name: loaded for name, (loaded, _) in self._pending.items()})
 
     async def _record(self, name: str, loaded: bool, version: int | None) -> bool:
+        """Records a change asked for through the repository routes; a change the record
+        cannot take now is said once here and retried by ``follow_control``."""
         self._pending[name] = (loaded, version)
-        return await self._flush_pending()
+        unavailable = await self._flush_pending()
+        if unavailable is not None:
+            log.warning("model %s: cannot record the change yet (%s); it holds in this worker "
+                        "and is retried", name, unavailable)
+        return unavailable is None
 
-    async def _flush_pending(self) -> bool:
+    async def _flush_pending(self) -> ControlUnavailable | None:
+        """Writes the pending changes; the reason the record refused one, else None."""
         for name, (loaded, version) in list(self._pending.items()):
             try:
                 await self.control.update(name, loaded, version)
             except ControlUnavailable as error:
-                log.warning("model %s: cannot record the change yet (%s)", name, error)
-                return False
+                return error
             if self._pending.get(name) == (loaded, version):
                 del self._pending[name]
-        return True
+        return None
 
     # -- start, follow, stop ------------------------------------------------------------------
 
     async def start(self) -> list[str]:
         """Loads the configured models (all on disk when none are named), then applies the
         control record over them; returns the models the record keeps unloaded."""
+        failed_fetches = await self.fetch()
         try:
             record = await self.control.read()
         except ControlUnavailable as error:
@@ -283,6 +303,7 @@ class ModelRepository:
         for name, wanted in record.models.items():
             if name not in names and wanted["loaded"]:
                 await self._try_load(name, wanted["version"])
+        self._report_failed_fetches(failed_fetches)
         return kept_unloaded
 
     async def _try_load(self, name: str, version: int | None) -> None:
@@ -298,7 +319,7 @@ class ModelRepository:
     async def follow_control(self) -> None:
         """Brings this worker to the recorded state (one check): writes its own pending
         changes first, then loads, swaps or unloads what differs from the record."""
-        if self._pending and not await self._flush_pending():
+        if self._pending and await self._flush_pending() is not None:
             return  # our change is not recorded yet: the record would undo it
         try:
             record = await self.control.read()
@@ -320,10 +341,11 @@ class ModelRepository:
                 await self._try_load(name, version)
 
     async def poll_new_versions(self) -> None:
-        """One scan of the repository: loads each expected model that is not served (one that
-        appeared on disk after the start, say) and a higher version of each served one whose
-        version is not pinned. A version that failed to load is not tried again until its
-        files change."""
+        """One scan of the repository (an s3:// one's bucket fetched first): loads each expected
+        model that is not served (one that appeared on disk after the start, say) and a higher
+        version of each served one whose version is not pinned. A version that failed to load
+        is not tried again until its files change."""
+        failed_fetches = await self.fetch()
         try:
             recorded = (await self.control.read()).models
         except ControlUnavailable:
@@ -335,6 +357,26 @@ class ModelRepository:
             served = self._served.get(name)
             if served is None or version > served.version:
                 await self._try_load(name, version)
+        self._report_failed_fetches(failed_fetches)
+
+    async def fetch(self) -> list[FetchFailure]:
+        """Brings what is new in an s3:// repository's bucket into its cache (nothing to do for
+        a directory); returns the versions that failed to fetch, which the caller reports once
+        its loads are done (a load that succeeds clears its model's reason, and a version below
+        the failed one may load in the same scan)."""
+        if self.store is None:
+            return []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, self.store.fetch)
+
+    def _report_failed_fetches(self, failed_fetches: list[FetchFailure]) -> None:
+        """A version that failed to fetch becomes its model's reason and counts as a failed
+        load."""
+        for failure in failed_fetches:
+            if failure.name:
+                metrics.LOAD_FAILURES.labels(failure.name).inc()
+                self._states.setdefault(failure.name, ModelState(failure.name)).reason = (
+                    failure.reason)
 
     def _target_version(self, name: str, recorded: int | None) -> int | None:
         """The version ``name`` should serve: the recorded pin, else the configured one, else
@@ -342,7 +384,7 @@ class ModelRepository:
         return recorded or self.settings.versions.get(name) or self._latest(name)
 
     def _latest(self, name: str) -> int | None:
-        on_disk = versions(self.root / name)
+        on_disk = model_versions(self.root, name)
         return on_disk[-1] if on_disk else None
 
     async def stop(self) -> None:
@@ -350,3 +392,13 @@ class ModelRepository:
             await self.unload(name)
         self._loader.shutdown(wait=False)
         await self.control.close()
+
+
+def _object_store(settings: ServiceSettings) -> ObjectStoreRepository | None:
+    """The bucket of an s3:// repository (None for a directory); imported only then, since
+    boto3 comes with the s3 extra."""
+    if not settings.repo_in_object_store:
+        return None
+    from .object_store import ObjectStoreRepository
+
+    return ObjectStoreRepository.from_settings(settings)

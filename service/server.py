@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -137,12 +138,29 @@ def export_to_environment(settings: ServiceSettings) -> None:
         os.environ[f"CTRSERVE_{name.upper()}"] = text
 
 
-def wait_for_packages(settings: ServiceSettings) -> None:
+def packaged_models(settings: ServiceSettings) -> Callable[[], list[str]]:
+    """A look at the models to serve that have a package: in the repository's directory, or for
+    an s3:// repository in its local cache once what is new in the bucket is fetched
+    (``object_store.py``, imported only then: boto3 comes with the s3 extra)."""
+    if not settings.repo_in_object_store:
+        return lambda: models_on_disk(settings.repo, settings.models)
+    from .object_store import ObjectStoreRepository
+
+    store = ObjectStoreRepository.from_settings(settings)
+
+    def fetched() -> list[str]:
+        store.fetch()
+        return models_on_disk(store.local_root, settings.models)
+
+    return fetched
+
+
+def wait_for_packages(settings: ServiceSettings, packaged: Callable[[], list[str]]) -> None:
     """Looks for a package of a model to serve every ``WAIT_SCAN_S`` until one is there or
-    ``wait_for_models_s`` has passed: a volume filled after the server starts."""
+    ``wait_for_models_s`` has passed: a volume filled (or a bucket written) after the server
+    starts."""
     deadline = time.monotonic() + settings.wait_for_models_s
-    while (not models_on_disk(settings.repo, settings.models)
-           and (left := deadline - time.monotonic()) > 0):
+    while not packaged() and (left := deadline - time.monotonic()) > 0:
         time.sleep(min(WAIT_SCAN_S, left))
 
 
@@ -152,11 +170,13 @@ def serve(settings: ServiceSettings) -> int:
     when CUDA is asked for and cannot run here."""
     if settings.provider == "cuda" and (reason := cuda_unavailable_reason()):
         raise ValueError(f"provider 'cuda' asked for, but {reason}")
-    if not models_on_disk(settings.repo, settings.models) and settings.wait_for_models_s > 0:
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    packaged = packaged_models(settings)
+    if not packaged() and settings.wait_for_models_s > 0:
         print(f"no model package in {settings.repo} yet: waiting up to "
               f"{settings.wait_for_models_s:g} s for one", file=sys.stderr, flush=True)
-        wait_for_packages(settings)
-    if not models_on_disk(settings.repo, settings.models):
+        wait_for_packages(settings, packaged)
+    if not packaged():
         waited = (f" after waiting {settings.wait_for_models_s:g} s"
                   if settings.wait_for_models_s > 0 else "")
         wanted = f" of {', '.join(settings.models)}" if settings.models else ""
@@ -164,7 +184,6 @@ def serve(settings: ServiceSettings) -> int:
                          f"{waited} (expected REPO/NAME/VERSION/ directories written by "
                          "'ctrserve export'; pass --repo)")
     export_to_environment(settings)
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     log.info(raise_open_file_limit())  # once: the workers inherit the limit
     if settings.workers > 1:
         # Every worker writes its metric samples here; /metrics merges them. Set before any

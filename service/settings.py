@@ -5,6 +5,8 @@ for ``max_batch_rows``), with their descriptions as help."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,6 +21,10 @@ ENV_PREFIX = "CTRSERVE_"
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 #: The repository when none is given: a name no source folder has.
 DEFAULT_REPO = Path("model-repository")
+#: A repository in S3-compatible object storage: ``s3://BUCKET/PREFIX`` (``object_store.py``).
+S3_SCHEME = "s3://"
+#: Where the packages of such a repository are downloaded to when no cache is given.
+DEFAULT_REPO_CACHE = Path(tempfile.gettempdir()) / "ctrserve-repository-cache"
 #: The format of the service's log lines (the server's own and every worker's).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -32,8 +38,19 @@ def one_per_usable_cpu() -> int:
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    repo: Path = Field(DEFAULT_REPO, description="the model repository: REPO/NAME/VERSION/ "
-                                                 "packages written by 'ctrserve export'")
+    repo: str = Field(str(DEFAULT_REPO), description="the model repository: a directory of "
+                                                     "REPO/NAME/VERSION/ packages written by "
+                                                     "'ctrserve export' (or of one package: "
+                                                     "what KServe leaves in /mnt/models), or "
+                                                     "s3://BUCKET/PREFIX in S3-compatible "
+                                                     "object storage (the s3 extra; credentials "
+                                                     "and endpoint from the AWS environment "
+                                                     "and config files)")
+    repo_cache: Path = Field(DEFAULT_REPO_CACHE, description="where the packages of an s3:// "
+                                                             "repository are downloaded and "
+                                                             "checked before they serve (a "
+                                                             "directory per bucket and prefix "
+                                                             "below it)")
     models: list[str] = Field([],
                               description="models to serve (repeatable; default: every model "
                                           "of the repository)")
@@ -132,6 +149,18 @@ class ServiceSettings(BaseSettings):
     redis_timeout_ms: int = Field(100, ge=1, description="limit on one request's feature reads "
                                                          "and on control reads and writes (ms)")
     redis_required: bool = Field(False, description="readiness requires Redis to answer")
+
+    @field_validator("repo", mode="before")
+    @classmethod
+    def _repo_as_text(cls, repo: object) -> object:
+        """A directory given as a Path (the demo, the tests) is taken as its text: the field is
+        text because an s3:// URL is no path (Path would fold its ``//``)."""
+        return os.fspath(repo) if isinstance(repo, os.PathLike) else repo
+
+    @property
+    def repo_in_object_store(self) -> bool:
+        """Whether ``repo`` is an s3:// URL (``object_store.py``) rather than a directory."""
+        return self.repo.startswith(S3_SCHEME)
 
     @field_validator("max_request_rows")
     @classmethod

@@ -17,11 +17,13 @@ from ctrserve.loadtest.servers import HOST, free_port, stop_group
 class ServiceProcess:
     """``ctrserve serve`` in a subprocess on a free loopback port; a context manager."""
 
-    def __init__(self, repo: Path, *flags: str, python_prefix: str = "",
-                 env: dict[str, str] | None = None, ready_path: str = "/v2/health/ready") -> None:
+    def __init__(self, repo: Path | str, *flags: str, python_prefix: str = "",
+                 env: dict[str, str] | None = None, ready_path: str = "/v2/health/ready",
+                 log_dir: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.log_path = Path(repo).parent / f"server-{self.port}.log"
+        # Beside the repository unless told (an s3:// repository has no folder here).
+        self.log_path = (log_dir or Path(repo).parent) / f"server-{self.port}.log"
         # One worker unless a test asks for more (the default is one per CPU): a test that reads
         # the statistics of the worker that answers it then sees every request.
         workers = () if "--workers" in flags else ("--workers", "1")

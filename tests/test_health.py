@@ -111,6 +111,28 @@ def test_an_explicit_unload_leaves_the_replica_ready_also_after_a_restart(traine
         assert _full_log(server).count("ready: serving ctr version 1") == 2
 
 
+def test_a_repository_the_server_cannot_write_takes_loads_and_unloads_unrecorded(trained,
+                                                                                 tmp_path):
+    """A read-only volume (KServe's /mnt/models): the control record cannot be written, so a
+    load or unload holds in the worker and says it was not recorded; never a 500. (A file where
+    the record's folder should be makes the write fail for root too.)"""
+    repo = _repo_with_two_models(trained, tmp_path)
+    (repo / ".ctrserve").write_text("not a folder")
+    rows = request_rows(trained["rows_file"])[:2]
+    with ServiceProcess(repo, *INFO, "--workers", "1") as server:
+        unloaded = _repository(server, "other", "unload")
+        assert unloaded.status_code == 200, unloaded.text
+        assert unloaded.json()["recorded"] is False
+        assert _score(server, "other", rows).status_code == 503
+        loaded = _repository(server, "other", "load")
+        assert loaded.status_code == 200 and loaded.json()["recorded"] is False
+        assert _score(server, "other", rows).status_code == 200
+        time.sleep(2)  # a few control checks, each retrying the write
+        log = _full_log(server)
+        # Said once per change, not at every retry.
+        assert log.count("cannot write the control record") == 2, log[-2000:]
+
+
 def test_an_explicitly_loaded_model_is_waited_for_after_a_restart(trained, tmp_path):
     repo = _repo_with_two_models(trained, tmp_path)
     with ServiceProcess(repo, "--models", "ctr") as server:

@@ -390,7 +390,8 @@ def test_dockerfile_lints_clean_and_builds_the_images_compose_uses():
     assert installs and all("requirements/constraints.txt" in line or "$TORCH" in line
                             for line in installs), installs
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
-    assert 'pip install -c requirements/constraints.txt .' in text  # serving: no train extra
+    # serving: no train extra; the s3 one (repositories in object storage)
+    assert 'pip install -c requirements/constraints.txt ".[s3]"' in text
     # The GPU image installs the gpu extra: ONNX Runtime's CUDA and cuDNN wheels.
     assert '"/app[gpu]"' in text
     gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
