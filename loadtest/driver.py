@@ -350,16 +350,20 @@ def _config_dict(config: BenchConfig) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` ("unknown" where it says none)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def machine_info(config: BenchConfig) -> dict:
     import onnxruntime
 
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     memory = 0
     with open("/proc/meminfo") as handle:
         for line in handle:

@@ -53,6 +53,7 @@ import orjson
 from ctrserve.service.runtime import usable_cpus
 
 from . import load
+from .driver import cpu_model
 from .payloads import Body, RowPool
 from .peer_options import PeersConfig, config_from
 from .peer_report import write_report
@@ -431,13 +432,7 @@ def _steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 def machine_info(cpus: int) -> dict[str, Any]:
     import onnxruntime
 
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     load_average = os.getloadavg()
     return {
         "cores": os.cpu_count(), "usable_cpus": cpus, "cpu": model,
