@@ -471,7 +471,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     group = accuracy.add_argument_group("benchmark")
     group.add_argument("--out", required=True, help="report directory")
     group.add_argument("--name", help="data set name in the report (default: OUT's name)")
-    group.add_argument("--budgets", default="1/2,1/4,1/8,1/16,1/64",
+    group.add_argument("--budgets", default="1/2,1/4,1/8,1/16,1/32,1/64",
                        help="fractions of the full tables' bytes")
     group.add_argument("--schemes", help="comma-separated benchmark schemes (default: all)")
     group.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="training seeds")

@@ -13,12 +13,15 @@ Which scheme's table becomes which node is ``table_nodes.py``.
 | op               | overload            | inputs after ids                          |
 |------------------|---------------------|-------------------------------------------|
 | HashGather       | ``default``         | weight, buckets                           |
+| HybridGather     | ``default``         | head_weight, remainder, quotient,         |
+|                  |                     | head_bits, head_rank                      |
 | QRGather         | ``{operation}{k}``  | radices, weight0 .. weight{k-1}           |
 | PrunedGather     | ``packed``/``empty``| values, offsets, mask_bits, dim           |
 | QuantizedGather  | ``int8``            | codes, scale, offset                      |
 | QuantizedGather  | ``fp16``            | weight                                    |
 | LMAGather        | ``default``         | memory, signatures, coefficients          |
 | ROBEGather       | ``default``         | memory, coefficients, block               |
+| CCEGather        | ``default``         | pointers, weight0, weight1, coefficients  |
 
 Every op of every body has a CUDA kernel in the pinned ONNX Runtime for the types it meets
 (``tests/test_gpu_runtime.py`` checks each against ONNX Runtime's kernel table), so a CUDA session
@@ -40,12 +43,15 @@ from collections.abc import Sequence
 import numpy as np
 from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
+from ctrserve.models.embeddings.hybrid import RANK_BLOCK
 from ctrserve.models.embeddings.robe import DIGIT_BASE
 from ctrserve.models.embeddings.shared_memory import PRIME
 
 from .package import LOOKUP_NODE
 
 DOMAIN = "ctrserve"
+#: A hybrid table's stored tensors, in the order its node and function read them.
+HYBRID_TENSORS = ("head_weight", "remainder", "quotient", "head_bits", "head_rank")
 DOMAIN_VERSION = 1
 #: The standard opset the graph and every function body use.
 OPSET = 21
@@ -102,6 +108,50 @@ def hash_gather() -> FunctionProto:
     rows = body.op("Mod", "ids", "buckets")
     body.lookup("weight", rows, output="embedding")
     return _function("HashGather", "default", ["ids", "weight", "buckets"], body)
+
+
+def hybrid_gather() -> FunctionProto:
+    """Head ids read their own row, the others a quotient-remainder pair
+    (``embeddings/hybrid.py``): an id's rank (head ids below it) is ``head_rank`` of its block
+    of 64 plus an exclusive prefix count of the block's bits, unpacked from its eight bytes by
+    integer ``Div`` and ``Mod``; a head id's row is its rank, a tail id numbered ``t = id -
+    rank`` reads ``remainder[t mod c] * quotient[t // c]``, ``c`` the remainder's rows."""
+    body = Body("y")
+    block = body.op("Div", "ids", body.const(RANK_BLOCK))
+    position = body.op("Unsqueeze", body.op("Mod", "ids", body.const(RANK_BLOCK)),
+                       body.const([1]))  # [N, 1]
+    first_byte = body.op("Mul", body.op("Unsqueeze", block, body.const([1])), body.const(8))
+    byte_index = body.op("Add", first_byte, body.const(list(range(8))))  # [N, 8]
+    # The last block may be short: its missing bytes repeat the last one, past every id.
+    last = body.op("Sub", body.op("Shape", "head_bits"), body.const(1))
+    block_bytes = body.op("Cast", body.lookup("head_bits", body.op("Min", byte_index, last)),
+                          to=TensorProto.INT64)
+    places = body.const([1 << k for k in range(8)])
+    shifted = body.op("Div", body.op("Unsqueeze", block_bytes, body.const([-1])), places)
+    flags = body.op("Reshape", body.op("Mod", shifted, body.const(2)),
+                    body.op("Concat", body.op("Shape", "ids"), body.const([RANK_BLOCK]), axis=0))
+    before = body.op("CumSum", flags, body.const(1), exclusive=1)  # [N, 64]
+    below = body.op("GatherElements", before, position, axis=1)  # [N, 1]
+    ranks = body.op("Cast", body.lookup("head_rank", block), to=TensorProto.INT64)
+    rank = body.op("Add", ranks, body.op("Squeeze", below, body.const([1])))  # [N]
+    heads = _rows(body, "head_weight")
+    head_row = body.lookup("head_weight", body.op("Min", rank, body.op("Sub", heads,
+                                                                      body.const(1))))
+    number = body.op("Sub", "ids", rank)
+    collisions = _rows(body, "remainder")
+    last_quotient = body.op("Sub", _rows(body, "quotient"), body.const(1))
+    quotient = body.op("Min", body.op("Div", number, collisions), last_quotient)
+    tail_row = body.op("Mul", body.lookup("remainder", body.op("Mod", number, collisions)),
+                       body.lookup("quotient", quotient))
+    member = body.op("Cast", body.op("GatherElements", flags, position, axis=1),
+                     to=TensorProto.BOOL)  # [N, 1]
+    body.op("Where", member, head_row, tail_row, output="embedding")
+    return _function("HybridGather", "default", ["ids", *HYBRID_TENSORS], body)
+
+
+def _rows(body: Body, tensor: str) -> str:
+    """The number of rows of a stored tensor, a scalar."""
+    return body.op("Gather", body.op("Shape", tensor), body.const(0), axis=0)
 
 
 def qr_gather(operation: str, partitions: int) -> FunctionProto:
@@ -204,11 +254,9 @@ def lma_gather() -> FunctionProto:
     return _function("LMAGather", "default", ["ids", "memory", "signatures", "coefficients"], body)
 
 
-def robe_gather() -> FunctionProto:
-    """Block ``b`` of an id starts at ``h_b(id) mod |M|`` with ``h_b`` a universal hash of the
-    id's base-2**21 digits; coordinate ``j`` reads ``memory[(start_{j // Z} + j mod Z) mod |M|]``.
-    The width ``dim`` is an attribute (it is not among the stored tensors)."""
-    body = Body("r")
+def _universal_hashes(body: Body) -> str:
+    """int64 [N, H]: ``(a0 d0 + a1 d1 + a2 d2 + c) mod PRIME`` of each id's base-2**21 digits
+    ``d`` with each row ``(a0, a1, a2, c)`` of ``coefficients`` [H, 4] (``robe.block_hashes``)."""
     base = body.const(DIGIT_BASE)
     axis = body.const([1])
     digit0 = body.op("Unsqueeze", body.op("Mod", "ids", base), axis)  # [N, 1]
@@ -220,8 +268,16 @@ def robe_gather() -> FunctionProto:
     ]
     constant = body.op("Gather", "coefficients", body.const(3), axis=1)
     total = body.op("Add", body.op("Add", body.op("Add", terms[0], terms[1]), terms[2]), constant)
+    return body.op("Mod", total, body.const(PRIME))
+
+
+def robe_gather() -> FunctionProto:
+    """Block ``b`` of an id starts at ``h_b(id) mod |M|`` with ``h_b`` a universal hash of the
+    id's base-2**21 digits; coordinate ``j`` reads ``memory[(start_{j // Z} + j mod Z) mod |M|]``.
+    The width ``dim`` is an attribute (it is not among the stored tensors)."""
+    body = Body("r")
     size = body.op("Shape", "memory")
-    starts = body.op("Mod", body.op("Mod", total, body.const(PRIME)), size)  # [N, blocks]
+    starts = body.op("Mod", _universal_hashes(body), size)  # [N, blocks]
     block = body.op("Squeeze", "block", body.const([0]))
     coordinates = _coordinates(body, body.attribute_int("dim"))
     start = body.op("Gather", starts, body.op("Div", coordinates, block), axis=1)  # [N, D]
@@ -230,3 +286,21 @@ def robe_gather() -> FunctionProto:
     return _function("ROBEGather", "default", ["ids", "memory", "coefficients", "block"], body,
                      attributes=("dim",))
 
+
+def cce_gather() -> FunctionProto:
+    """Chunk ``i`` of an id is ``weight0[p * c + i] + weight1[h * c + i]`` with ``p`` its
+    pointer ``pointers[id, i]`` and ``h`` the universal hash of chunk ``i`` mod ``k``; the
+    chunks are laid side by side. ``c`` and ``k`` come from the shapes of ``pointers`` and
+    ``weight0`` (``[k * c, dim / c]``)."""
+    body = Body("c")
+    chunks = body.op("Gather", body.op("Shape", "pointers"), body.const(1), axis=0)
+    rows = body.op("Div", body.op("Gather", body.op("Shape", "weight0"), body.const(0), axis=0),
+                   chunks)
+    chunk = _coordinates(body, chunks)  # [c]
+    pointers = body.op("Cast", body.lookup("pointers", "ids"), to=TensorProto.INT64)  # [N, c]
+    hashed = body.op("Mod", _universal_hashes(body), rows)  # [N, c]
+    part0 = body.lookup("weight0", body.op("Add", body.op("Mul", pointers, chunks), chunk))
+    part1 = body.lookup("weight1", body.op("Add", body.op("Mul", hashed, chunks), chunk))
+    body.op("Flatten", body.op("Add", part0, part1), output="embedding", axis=1)
+    return _function("CCEGather", "default", ["ids", "pointers", "weight0", "weight1",
+                                              "coefficients"], body)

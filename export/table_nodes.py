@@ -29,7 +29,10 @@ from ctrserve.models.embeddings.robe import RobeTable
 
 from .functions import (
     DOMAIN,
+    HYBRID_TENSORS,
+    cce_gather,
     hash_gather,
+    hybrid_gather,
     lma_gather,
     pruned_gather,
     pruned_gather_empty,
@@ -78,6 +81,10 @@ def _hash_node(table: EmbeddingTable) -> TableNode:
     return TableNode("HashGather", (IDS, "weight", "buckets"))
 
 
+def _hybrid_node(table: EmbeddingTable) -> TableNode:
+    return TableNode("HybridGather", (IDS, *HYBRID_TENSORS))
+
+
 def _qr_node(table: CompositionalTable) -> TableNode:
     partitions = len(table.radices)
     return TableNode("QRGather", (IDS, "radices", *(f"weight{j}" for j in range(partitions))),
@@ -120,10 +127,15 @@ def _robe_node(table: RobeTable) -> TableNode:
                      attributes={"dim": table.dim})
 
 
+def _cce_node(table: EmbeddingTable) -> TableNode:
+    return TableNode("CCEGather", (IDS, "pointers", "weight0", "weight1", "coefficients"))
+
+
 #: Every scheme's export, by the registry's scheme names.
 SCHEME_EXPORTS: dict[str, SchemeExport[Any]] = {
     "full": SchemeExport(_full_node, None),
     "hash": SchemeExport(_hash_node, lambda node: hash_gather()),
+    "hybrid": SchemeExport(_hybrid_node, lambda node: hybrid_gather()),
     "qr": SchemeExport(_qr_node, _qr_function),
     "kpart": SchemeExport(_qr_node, _qr_function),
     "pep": SchemeExport(_pep_node, _pep_function),
@@ -131,6 +143,7 @@ SCHEME_EXPORTS: dict[str, SchemeExport[Any]] = {
     "fp16": SchemeExport(_fp16_node, lambda node: quantized_gather_fp16()),
     "lma": SchemeExport(_lma_node, lambda node: lma_gather()),
     "robe": SchemeExport(_robe_node, lambda node: robe_gather()),
+    "cce": SchemeExport(_cce_node, lambda node: cce_gather()),
 }
 
 

@@ -15,12 +15,18 @@ budget)`` finds the settings of ``base``'s scheme (its other settings as in ``ba
 take the most bytes not above the budget, by searching the scheme's knob:
 
 - ``hash``: a row cap ``m``; a table of more than ``m`` rows is hashed into ``m`` buckets.
+- ``hybrid``: the same cap on a table's rows, head and quotient-remainder tail together (the
+  split is searched in training, on the training counts: ``embeddings/hybrid.py``), the head
+  map counted; a table never goes under its fewest rows (a head row and the smallest tail,
+  about ``2 sqrt(n)``), as ``qr`` never passes its fewest bytes.
 - ``qr``: the same cap on the quotient table: a table of ``n > m`` rows gets ``ceil(n / m)``
   collisions, but never more than the count that minimises its bytes (about ``sqrt(n)``; past it
   the remainder table grows faster than the quotient table shrinks). A table that QR cannot
   shrink stays full.
 - ``kpart``, ``int8``, ``fp16`` (a fixed ratio per table): how many tables, the largest first.
 - ``lma``, ``robe``: every table in one shared memory, ``full bytes / budget`` times smaller.
+- ``cce``: the row cap of ``hash`` on each of its two parts; a table's pointers (one narrow
+  integer per id and chunk) are counted, so a table CCE cannot shrink stays full.
 - ``pep``: every table pruned; the fraction of values the search keeps is what the budget leaves
   after PEP's per-row offsets and mask bits. The mask is found while training, so the bytes are
   only known afterwards, but never exceed the budget: the search stops at or under its target.
@@ -41,6 +47,7 @@ from typing import TypeVar
 import numpy as np
 
 from .embeddings.base import fp32_bytes
+from .embeddings.cce import cce_bytes
 from .embeddings.compositional import (
     balanced_radices,
     compositional_bytes,
@@ -48,15 +55,18 @@ from .embeddings.compositional import (
 )
 from .embeddings.constants import FLOAT32_BYTES
 from .embeddings.hashing import hash_buckets, hashed_bytes
+from .embeddings.hybrid import fewest_rows, hybrid_bytes, hybrid_rows
 from .embeddings.lma import lma_bytes, lma_max_compression, lma_memory_size
 from .embeddings.pep import packed_bytes
 from .embeddings.quantized import INT8_ROW_METADATA_BYTES, fp16_bytes, int8_bytes
 from .embeddings.robe import robe_bytes, robe_max_compression, robe_memory_size
 from .embeddings.scheme_settings import (
+    CCESettings,
     EmbeddingConfig,
     FP16Settings,
     FullSettings,
     HashSettings,
+    HybridSettings,
     Int8Settings,
     KPartSettings,
     LMASettings,
@@ -111,6 +121,12 @@ def hash_tables_bytes(settings: Sequence[HashSettings], sizes: Sequence[int], di
                for s, rows in zip(settings, sizes, strict=True))
 
 
+def hybrid_tables_bytes(settings: Sequence[HybridSettings], sizes: Sequence[int],
+                        dim: int) -> int:
+    return sum(hybrid_bytes(rows, hybrid_rows(rows, s.compression), dim)
+               for s, rows in zip(settings, sizes, strict=True))
+
+
 def qr_tables_bytes(settings: Sequence[QRSettings], sizes: Sequence[int], dim: int) -> int:
     return sum(compositional_bytes(quotient_remainder_radices(rows, s.collisions), dim,
                                    s.operation)
@@ -151,6 +167,11 @@ def robe_tables_bytes(settings: Sequence[RobeSettings], sizes: Sequence[int], di
     return robe_bytes(sizes, dim, settings[0].block, settings[0].compression)
 
 
+def cce_tables_bytes(settings: Sequence[CCESettings], sizes: Sequence[int], dim: int) -> int:
+    return sum(cce_bytes(rows, dim, hash_buckets(rows, s.compression), s.chunks)
+               for s, rows in zip(settings, sizes, strict=True))
+
+
 # ------------------------------------------------------------------------------------------
 # Budget searches, per scheme
 # ------------------------------------------------------------------------------------------
@@ -179,6 +200,25 @@ def fit_hash(base: HashSettings, names: Sequence[str], sizes: Sequence[int], dim
             tables[name] = replace(base, min_rows=0, compression=rows / (buckets - 0.5))
     return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
                f"≤ {cap:,} rows per table ({len(tables)} of {len(sizes)} hashed)")
+
+
+def fit_hybrid(base: HybridSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+               budget: int) -> Fit:
+    """The row cap of ``fit_hash``, a table's ``m`` rows shared by its head and tail (how is
+    searched in training, ``hybrid.head_rows``), its head map counted."""
+    cap, total, fewest = _best_cap(sizes, budget,
+                                   lambda rows, caps: _hybrid_at_caps(rows, dim, caps)[0])
+    if total < 0:
+        return Fit(None, fewest, "", f"a head row and the smallest quotient-remainder tail (about "
+                                     f"2 sqrt(n) rows) per table still take "
+                                     f"{fewest / full_bytes(sizes, dim):.1%} of the full tables")
+    tables = {}
+    for name, rows in zip(names, sizes, strict=True):
+        stored = int(_hybrid_at_caps(rows, dim, np.array([cap]))[1][0])
+        if stored:
+            tables[name] = replace(base, min_rows=0, compression=rows / (stored - 0.5))
+    return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
+               f"≤ {cap:,} rows per table ({len(tables)} of {len(sizes)} hybrid)")
 
 
 def fit_qr(base: QRSettings, names: Sequence[str], sizes: Sequence[int], dim: int,
@@ -270,6 +310,24 @@ def fit_robe(base: RobeSettings, names: Sequence[str], sizes: Sequence[int], dim
                f"|M| = {memory:,} values, Z = {base.block}")
 
 
+def fit_cce(base: CCESettings, names: Sequence[str], sizes: Sequence[int], dim: int,
+            budget: int) -> Fit:
+    """The row cap of ``fit_hash`` on each part's rows (k), the pointers counted."""
+    cap, total, fewest = _best_cap(
+        sizes, budget, lambda rows, caps: _cce_at_caps(rows, dim, base.chunks, caps)[0])
+    if total < 0:
+        return Fit(None, fewest, "", f"one row per part and the pointers still take "
+                                     f"{fewest / full_bytes(sizes, dim):.1%} of the full tables")
+    tables = {}
+    for name, rows in zip(names, sizes, strict=True):
+        k = int(_cce_at_caps(rows, dim, base.chunks, np.array([cap]))[1][0])
+        if k:
+            tables[name] = replace(base, min_rows=0, compression=rows / (k - 0.5))
+    return Fit(EmbeddingConfig(default=FullSettings(), tables=tables), total,
+               f"≤ {cap:,} rows per part, {base.chunks} chunks "
+               f"({len(tables)} of {len(sizes)} tables)")
+
+
 def _shared_compression(sizes: Sequence[int], dim: int, budget: int) -> float:
     """The compression of one memory for every table that takes ``budget`` bytes."""
     return full_bytes(sizes, dim) / budget if budget > 0 else math.inf
@@ -297,12 +355,26 @@ def _hash_at_caps(rows: int, dim: int, caps: np.ndarray) -> tuple[np.ndarray, np
     return _shrunk_or_full(rows, dim, caps, hashed_bytes(buckets, dim), buckets)
 
 
+def _hybrid_at_caps(rows: int, dim: int, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of a hybrid table of at most ``cap`` rows, never under its fewest (a head row and
+    the smallest quotient-remainder tail, as ``qr`` stops at its fewest bytes), and its rows."""
+    stored = np.maximum(np.minimum(caps, rows), fewest_rows(rows))
+    return _shrunk_or_full(rows, dim, caps, hybrid_bytes(rows, stored, dim), stored)
+
+
 def _qr_at_caps(rows: int, dim: int, operation: str, best: int,
                 caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of a QR table whose quotient table has at most ``cap`` rows, and its collisions."""
     collisions = np.minimum(-(-rows // caps), best)
     stored = compositional_bytes((collisions, -(-rows // collisions)), dim, operation)
     return _shrunk_or_full(rows, dim, caps, stored, collisions)
+
+
+def _cce_at_caps(rows: int, dim: int, chunks: int,
+                 caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of a CCE table of at most ``cap`` rows per part, and its rows per part."""
+    k = np.minimum(caps, rows)
+    return _shrunk_or_full(rows, dim, caps, cce_bytes(rows, dim, k, chunks), k)
 
 
 def _best_cap(sizes: Sequence[int], budget: int,

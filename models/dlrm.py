@@ -13,13 +13,12 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from .embeddings.base import EmbeddingTable
 from .embeddings.scheme_settings import EmbeddingConfig
-from .schemes import build_tables, why_full
+from .schemes import TableData, build_tables, why_full
 
 MODEL_KINDS = ("dlrm", "lr")
 
@@ -72,14 +71,14 @@ class CTRModel(nn.Module):
     """Shared shape of both model kinds: dense [N, n_dense] and ids [N, n_tables] -> logits [N]."""
 
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
-                 config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
+                 config: ModelConfig, data: TableData | None = None) -> None:
         super().__init__()
         self.n_dense = n_dense
         self.table_names = list(table_names)
         self.config = config
         self.tables = nn.ModuleList(
             build_tables(self.table_names, list(table_sizes), config.table_width,
-                         config.embeddings, signatures)
+                         config.embeddings, data)
         )
 
     def embedding_tables(self) -> list[EmbeddingTable]:
@@ -111,8 +110,8 @@ class DLRM(CTRModel):
     pair_cols: torch.Tensor
 
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
-                 config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
-        super().__init__(n_dense, table_sizes, table_names, config, signatures)
+                 config: ModelConfig, data: TableData | None = None) -> None:
+        super().__init__(n_dense, table_sizes, table_names, config, data)
         dim = config.dim
         if n_dense:
             self.bottom = mlp([n_dense, *config.bottom, dim], final_activation=True)
@@ -138,8 +137,8 @@ class LogisticRegression(CTRModel):
     """One weight per categorical value (a width-1 table per column), one per dense column."""
 
     def __init__(self, n_dense: int, table_sizes: list[int], table_names: list[str],
-                 config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> None:
-        super().__init__(n_dense, table_sizes, table_names, config, signatures)
+                 config: ModelConfig, data: TableData | None = None) -> None:
+        super().__init__(n_dense, table_sizes, table_names, config, data)
         self.dense_weights = nn.Linear(n_dense, 1) if n_dense else None
         self.bias = nn.Parameter(torch.zeros(1))
 
@@ -152,7 +151,7 @@ class LogisticRegression(CTRModel):
 
 
 def build_model(n_dense: int, table_sizes: list[int], table_names: list[str],
-                config: ModelConfig, signatures: dict[str, np.ndarray] | None = None) -> CTRModel:
-    """``signatures``: LMA minhash signatures by column name (see ``build_tables``)."""
+                config: ModelConfig, data: TableData | None = None) -> CTRModel:
+    """``data``: what some schemes build their tables from (see ``build_tables``)."""
     model_class = DLRM if config.kind == "dlrm" else LogisticRegression
-    return model_class(n_dense, table_sizes, table_names, config, signatures)
+    return model_class(n_dense, table_sizes, table_names, config, data)

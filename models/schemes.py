@@ -28,16 +28,19 @@ an entry in ``SCHEMES`` and its export.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from .budget import (
     Fit,
+    cce_tables_bytes,
+    fit_cce,
     fit_fp16,
     fit_full,
     fit_hash,
+    fit_hybrid,
     fit_int8,
     fit_kpart,
     fit_lma,
@@ -47,6 +50,7 @@ from .budget import (
     fp16_tables_bytes,
     full_tables_bytes,
     hash_tables_bytes,
+    hybrid_tables_bytes,
     int8_tables_bytes,
     kpart_tables_bytes,
     lma_tables_bytes,
@@ -55,6 +59,7 @@ from .budget import (
     robe_tables_bytes,
 )
 from .embeddings.base import EmbeddingTable, fp32_bytes
+from .embeddings.cce import CCETable
 from .embeddings.compositional import (
     CompositionalTable,
     balanced_radices,
@@ -62,15 +67,18 @@ from .embeddings.compositional import (
 )
 from .embeddings.full import FullTable
 from .embeddings.hashing import HashedTable, hash_buckets
+from .embeddings.hybrid import HybridTable, head_rows, hybrid_rows, most_frequent
 from .embeddings.lma import LMATable, fallback_signatures, lma_memory_size
 from .embeddings.pep import PEPTable
 from .embeddings.quantized import QuantizedTable
 from .embeddings.robe import RobeTable, robe_memory_size
 from .embeddings.scheme_settings import (
+    CCESettings,
     EmbeddingConfig,
     FP16Settings,
     FullSettings,
     HashSettings,
+    HybridSettings,
     Int8Settings,
     KPartSettings,
     LMASettings,
@@ -100,6 +108,8 @@ class TableSpec(Generic[S_co]):
     memory: SharedMemory | None = None
     #: LMA: the table's minhash signatures, where training computed them.
     signatures: np.ndarray | None = None
+    #: Hybrid: how often each id occurs in the training split, where training counted them.
+    counts: np.ndarray | None = None
 
     def shared_memory(self) -> SharedMemory:
         if self.memory is None:
@@ -136,6 +146,20 @@ def _build_full(spec: TableSpec[FullSettings]) -> EmbeddingTable:
 
 def _build_hash(spec: TableSpec[HashSettings]) -> EmbeddingTable:
     return HashedTable(spec.rows, spec.dim, hash_buckets(spec.rows, spec.settings.compression))
+
+
+def _build_hybrid(spec: TableSpec[HybridSettings]) -> EmbeddingTable:
+    """The head's size is the settings' (training records it, ``with_hybrid_heads``), else
+    searched on the counts; its ids are the most frequent ones. Without counts (rebuilding a
+    checkpoint, whose state dict holds the map) the first ids stand in, and the search, every
+    id alike to it, gives one head row where the settings name none."""
+    stored = hybrid_rows(spec.rows, spec.settings.compression)
+    counts = spec.counts
+    head = spec.settings.head
+    if head is None:
+        head = head_rows(np.zeros(spec.rows) if counts is None else counts, stored)
+    head_ids = None if counts is None else most_frequent(counts, head)
+    return HybridTable(spec.rows, spec.dim, head, stored - head, head_ids)
 
 
 def _build_qr(spec: TableSpec[QRSettings]) -> EmbeddingTable:
@@ -182,12 +206,21 @@ def _robe_memory(settings: RobeSettings, sizes: Sequence[int], dim: int) -> Shar
                         settings.hash_seed)
 
 
+def _build_cce(spec: TableSpec[CCESettings]) -> EmbeddingTable:
+    settings = spec.settings
+    return CCETable(spec.rows, spec.dim, hash_buckets(spec.rows, settings.compression),
+                    settings.chunks, settings.hash_seed, spec.column, settings.recluster_every,
+                    settings.reclusters)
+
+
 #: Every scheme, by name (the names and order of ``scheme_settings.SETTINGS``).
 SCHEMES: dict[str, Scheme[Any]] = {scheme.name: scheme for scheme in (
     Scheme(settings=FullSettings, build=_build_full, tables_bytes=full_tables_bytes,
            fit_budget=fit_full, benchmark={"full": FullSettings()}),
     Scheme(settings=HashSettings, build=_build_hash, tables_bytes=hash_tables_bytes,
            fit_budget=fit_hash, benchmark={"hash": HashSettings()}),
+    Scheme(settings=HybridSettings, build=_build_hybrid, tables_bytes=hybrid_tables_bytes,
+           fit_budget=fit_hybrid, benchmark={"hybrid": HybridSettings()}),
     Scheme(settings=QRSettings, build=_build_qr, tables_bytes=qr_tables_bytes,
            fit_budget=fit_qr, benchmark={"qr-mult": QRSettings(operation="mult"),
                                          "qr-concat": QRSettings(operation="concat")}),
@@ -207,6 +240,8 @@ SCHEMES: dict[str, Scheme[Any]] = {scheme.name: scheme for scheme in (
     Scheme(settings=RobeSettings, build=_build_robe, tables_bytes=robe_tables_bytes,
            fit_budget=fit_robe, benchmark={"robe": RobeSettings()},
            shared_memory=_robe_memory),
+    Scheme(settings=CCESettings, build=_build_cce, tables_bytes=cce_tables_bytes,
+           fit_budget=fit_cce, benchmark={"cce": CCESettings()}),
 )}
 
 
@@ -227,6 +262,8 @@ def why_full(settings: SchemeSettings, rows: int, dim: int) -> str:
         return f"under min_rows ({settings.min_rows:,})" if rows < settings.min_rows else ""
     if isinstance(settings, HashSettings) and hash_buckets(rows, settings.compression) < 2:
         return f"hash at {settings.compression:g}x leaves one bucket for all {rows:,} ids"
+    if isinstance(settings, CCESettings) and hash_buckets(rows, settings.compression) < 2:
+        return f"cce at {settings.compression:g}x leaves one row for all {rows:,} ids"
     full = fp32_bytes(rows, dim)
     try:
         stored = scheme_of(settings).tables_bytes([settings], [rows], dim)
@@ -243,14 +280,25 @@ def effective_settings(settings: SchemeSettings, rows: int, dim: int) -> SchemeS
     return FullSettings() if why_full(settings, rows, dim) else settings
 
 
+@dataclass(frozen=True)
+class TableData:
+    """What training learnt of the data that some schemes build their tables from, by column
+    name: LMA's minhash signatures (``lma.minhash_signatures``), the hybrid's id counts."""
+
+    signatures: Mapping[str, np.ndarray] = field(default_factory=dict)
+    counts: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
 def build_tables(names: list[str], sizes: list[int], dim: int, config: EmbeddingConfig,
-                 signatures: Mapping[str, np.ndarray] | None = None) -> list[EmbeddingTable]:
+                 data: TableData | None = None) -> list[EmbeddingTable]:
     """Every table of a model, in column order.
 
     The shared memories are built first, then the tables in column order: the order fixes which
-    initial weights a seed gives. LMA tables need their minhash signatures
-    (``lma.minhash_signatures``, by column name); see ``_build_lma`` for when there are none.
+    initial weights a seed gives. LMA tables need their minhash signatures and hybrid tables
+    their id counts (``data``); see ``_build_lma`` and ``_build_hybrid`` for when there are
+    none.
     """
+    data = data or TableData()
     settings = [effective_settings(config.for_table(name), rows, dim)
                 for name, rows in zip(names, sizes, strict=True)]
     memories = {}
@@ -262,10 +310,24 @@ def build_tables(names: list[str], sizes: list[int], dim: int, config: Embedding
     return [
         scheme_of(table_settings).build(TableSpec(
             name, column, rows, dim, table_settings, memories.get(table_settings.scheme),
-            (signatures or {}).get(name)))
+            data.signatures.get(name), data.counts.get(name)))
         for column, (name, rows, table_settings) in enumerate(zip(names, sizes, settings,
                                                                   strict=True))
     ]
+
+
+def with_hybrid_heads(config: EmbeddingConfig, names: Sequence[str], sizes: Sequence[int],
+                      dim: int, counts: Mapping[str, np.ndarray]) -> EmbeddingConfig:
+    """``config`` with every hybrid table's head size searched on its training ``counts``
+    (``hybrid.head_rows``) and named in its settings, so the checkpoint's configuration
+    rebuilds the tables."""
+    tables = dict(config.tables)
+    for name, rows in zip(names, sizes, strict=True):
+        settings = effective_settings(config.for_table(name), rows, dim)
+        if isinstance(settings, HybridSettings) and settings.head is None:
+            head = head_rows(counts[name], hybrid_rows(rows, settings.compression))
+            tables[name] = replace(settings, head=head)
+    return EmbeddingConfig(default=config.default, tables=tables)
 
 
 def _shared_settings(scheme: str, group: list[SchemeSettings]) -> SchemeSettings:

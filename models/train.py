@@ -26,11 +26,11 @@ from .data import DataConfig
 from .distributed import World, from_leader, replica_difference, training_threads
 from .dlrm import CTRModel, ModelConfig, build_model
 from .embeddings.lma import minhash_signatures
-from .embeddings.scheme_settings import LMASettings, PEPSettings
+from .embeddings.scheme_settings import HybridSettings, LMASettings, PEPSettings
 from .pep_search import SearchConfig, pep_tables, rewind, search_mask
 from .quantize import quantize_model
 from .schema import RawBatch
-from .schemes import effective_settings
+from .schemes import TableData, effective_settings, with_hybrid_heads
 from .sharded_data import ShardedData
 from .trainer import TrainConfig, Trainer
 from .transform import FeatureTransform, TransformConfig, TransformedBatch, fit_transform
@@ -138,6 +138,30 @@ def lma_signatures(chunks: Iterable[TransformedBatch], transform: FeatureTransfo
         sizes, first.minhashes, first.sample_rows, first.hash_seed, columns=columns,
     )
     return {names[column]: values for column, values in signatures.items()}
+
+
+def hybrid_counts(chunks: Callable[[], Iterable[TransformedBatch]], transform: FeatureTransform,
+                  config: ModelConfig, world: World | None = None) -> dict[str, np.ndarray]:
+    """How often each id of each hybrid table occurs in the training rows (``chunks()``: one
+    pass; with ``world``, this process's rows, added up over every process); empty, without
+    reading, when no table is hybrid."""
+    names = list(transform.spec.categorical_names)
+    sizes = transform.table_sizes
+    columns = [column for column, (name, size) in enumerate(zip(names, sizes, strict=True))
+               if isinstance(effective_settings(config.embeddings.for_table(name), size,
+                                                config.table_width), HybridSettings)]
+    if not columns:
+        return {}
+    counts = {column: np.zeros(sizes[column], dtype=np.int64) for column in columns}
+    for chunk in chunks():
+        for column in columns:
+            counts[column] += np.bincount(chunk.sparse[:, column], minlength=sizes[column])
+    if world is not None:
+        for column in columns:
+            total = torch.from_numpy(counts[column])
+            torch.distributed.all_reduce(total)
+            counts[column] = total.numpy()
+    return {names[column]: counts[column] for column in columns}
 
 
 def search_pep_mask(model: CTRModel, chunks: Callable[[], Iterable[TransformedBatch]],
@@ -250,8 +274,6 @@ def fit(
                                  training_config) if leads else None)
     if world is not None:
         signatures = from_leader(signatures)
-    model = build_model(transform.n_dense, transform.table_sizes, names, training_config,
-                        signatures)
 
     def train_chunks() -> Iterator[TransformedBatch]:
         """One pass over this process's training rows."""
@@ -259,6 +281,16 @@ def fit(
             return transformed(data, "train", transform, chunk_rows)
         return equal_chunks(transform_rows(shards.training_rows(chunk_rows), transform),
                             chunk_rows)
+
+    counts = hybrid_counts(train_chunks, transform, training_config, world)
+    if counts:
+        # The split searched on the counts, named in both configurations (the saved one too).
+        model_config, training_config = (
+            replace(config, embeddings=with_hybrid_heads(
+                config.embeddings, names, transform.table_sizes, config.table_width, counts))
+            for config in (model_config, training_config))
+    model = build_model(transform.n_dense, transform.table_sizes, names, training_config,
+                        TableData(signatures or {}, counts))
 
     def evaluated(scored: CTRModel, part: str, device: torch.device
                   ) -> tuple[np.ndarray, np.ndarray, dict | None]:

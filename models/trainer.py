@@ -1,5 +1,6 @@
 """One training step of a CTR model and the epoch loop around it: the optimizers (SparseAdam for
-sparse embedding weights, Adam for the rest), the values hidden as unknown, and the device.
+sparse embedding weights, Adam for the rest), the values hidden as unknown, CCE's re-clustering
+schedule, and the device.
 ``train.py`` streams the data through it; the PEP mask search (``pep_search.py``) steps it too.
 As one of several processes (``distributed.py``) it steps the model's DDP replica."""
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from .distributed import TableGradients, World, replicate, sums
 from .dlrm import CTRModel
+from .embeddings.cce import CCETable
 from .transform import MISSING_ID, TransformedBatch
 
 
@@ -117,6 +119,9 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed if world is None
                                          else [config.seed, world.rank])
         self.unseen_ids = unseen_ids
+        #: Tables re-clustered on a schedule of steps (CCE's ``step_done``).
+        self.clustered = [table for table in model.embedding_tables()
+                          if isinstance(table, CCETable)]
 
     def step(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> float:
         self.model.train()
@@ -133,6 +138,8 @@ class Trainer:
             self.table_gradients.average()
         for optimizer in self.optimizers:
             optimizer.step()
+        for table in self.clustered:
+            table.step_done()
         return float(loss.detach())
 
     def epoch(self, chunks: Iterable[TransformedBatch], bar: tqdm) -> tuple[int, float]:

@@ -83,3 +83,22 @@ def request_rows(rows_file: Path) -> list[dict]:
                    if v is not None and not (isinstance(v, float) and math.isnan(v))}
         rows.append(present if index % 2 else {k: present.get(k) for k in record})
     return rows
+
+
+def scored_offline(checkpoint: Path, data_path: str, spec_path: str | None, rows: int,
+                   scratch: Path) -> tuple[Path, list[float]]:
+    """The first ``rows`` rows of the parquet file ``data_path`` written to ``scratch``, and
+    ``ctrserve evaluate``'s probabilities for them in order: what a server of the checkpoint's
+    package must answer."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from ctrserve.models.data import DataConfig
+    from ctrserve.models.evaluate import evaluate
+
+    rows_file = scratch / "rows.parquet"
+    pq.write_table(pq.read_table(data_path).slice(0, rows), rows_file)
+    offline = DataConfig(path=data_path, format="parquet", spec_path=spec_path,
+                         test_path=str(rows_file), fractions=(0.9, 0.1))
+    evaluate(checkpoint, offline, "test", scratch / "probabilities.txt")
+    return rows_file, np.loadtxt(scratch / "probabilities.txt").tolist()

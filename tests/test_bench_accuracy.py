@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ctrserve.cli import main
-from ctrserve.models.bench_accuracy import VARIANTS
+from ctrserve.models.bench_accuracy import GOAL_AUC, VARIANTS, goal_verdict
+from ctrserve.models.bootstrap import Interval
 from ctrserve.models.budget import fit_pep, fit_pep_keep, full_bytes
 from ctrserve.models.embeddings.scheme_settings import PEPSettings, SchemeSettings
 from ctrserve.models.generate import CriteoLikeConfig, write_criteo_like
@@ -44,7 +45,8 @@ def test_reachability_follows_each_schemes_floor():
     # caps it under 8x at D = 8; PEP's offsets and mask bits take 5 of 32 bytes a row.
     assert reachable == {"full": False, "hash": True, "qr-mult": True, "qr-concat": True,
                          "kpart3": True, "pep-field-dim": False, "pep-feature-dim": False,
-                         "lma": False, "robe": True, "int8": False, "fp16": False}
+                         "lma": False, "robe": True, "int8": False, "fp16": False,
+                         "hybrid": True, "cce": True}
     assert "offsets and mask bits" in fit_budget(VARIANTS["pep-field-dim"], budget).reason
 
 
@@ -108,13 +110,17 @@ def test_smoke_bench_writes_consistent_reports_and_reuses_its_cache(tiny, tmp_pa
 
     found = {(i["scheme"], i["against"]): i for i in report["intervals"]}
     assert set(found) == {("hash", "full"), ("qr-mult", "full"), ("pep-field-dim", "full"),
-                          ("qr-mult", "hash"), ("pep-field-dim", "hash")}
+                          ("qr-mult", "hash"), ("pep-field-dim", "hash"),
+                          ("hash", "qr-mult"), ("pep-field-dim", "qr-mult")}
     for interval in found.values():
         assert interval["low"] <= interval["difference"] <= interval["high"]
         assert interval["excludes_zero"] == (interval["low"] > 0 or interval["high"] < 0)
     qr_gap = rows["qr-mult"]["auc"]["mean"] - rows["hash"]["auc"]["mean"]
     assert found["qr-mult", "hash"]["difference"] == pytest.approx(qr_gap)
+    assert found["hash", "qr-mult"]["difference"] == pytest.approx(-qr_gap)
     assert "ΔAUC against hashing at the same budget" in markdown
+    assert "ΔAUC against QR (mult) at the same budget" in markdown
+    assert f"within {GOAL_AUC} AUC of the full model" in markdown
     assert "95% paired bootstrap interval over test rows and seeds" in markdown
 
     cells = sorted((out / "cells").rglob("*.json"))
@@ -133,3 +139,10 @@ def test_smoke_bench_writes_consistent_reports_and_reuses_its_cache(tiny, tmp_pa
     # A changed configuration is not served from the cache.
     assert main(bench(tiny, out, "--epochs", "2", "--schemes", "qr-mult")) == 0
     assert "1 trainings" in capsys.readouterr().out
+
+
+def test_the_goal_is_met_only_where_the_whole_interval_clears_the_line():
+    assert goal_verdict(Interval(-0.002, -0.0049, +0.001)) == "met"
+    assert goal_verdict(Interval(-0.008, -0.012, -0.0051)) == "missed"
+    assert goal_verdict(Interval(-0.004, -0.009, +0.001)) == "not shown"
+    assert goal_verdict(Interval(-0.006, -0.009, -0.003)) == "not shown"

@@ -27,10 +27,12 @@ from ctrserve.models.data import PARTS, DataConfig
 from ctrserve.models.distributed import TableGradients, start, stop
 from ctrserve.models.dlrm import ModelConfig, build_model
 from ctrserve.models.embeddings.scheme_settings import (
+    CCESettings,
     EmbeddingConfig,
     FP16Settings,
     FullSettings,
     HashSettings,
+    HybridSettings,
     Int8Settings,
     KPartSettings,
     LMASettings,
@@ -175,7 +177,8 @@ _SCHEMES = {"C1": FullSettings(min_rows=0), "C2": HashSettings(min_rows=0),
             "C3": QRSettings(min_rows=0), "C4": KPartSettings(min_rows=0),
             "C5": PEPSettings(min_rows=0, pep_keep=0.5, drift=0.2),
             "C6": Int8Settings(min_rows=0), "C7": FP16Settings(min_rows=0),
-            "C8": LMASettings(min_rows=0), "C9": RobeSettings(min_rows=0)}
+            "C8": LMASettings(min_rows=0), "C9": RobeSettings(min_rows=0),
+            "C10": HybridSettings(min_rows=0), "C11": CCESettings(min_rows=0, recluster_every=5)}
 _EVERY_SCHEME = ModelConfig(dim=8, bottom=(16,), top=(16,),
                             embeddings=EmbeddingConfig(default=FullSettings(), tables=_SCHEMES))
 
@@ -245,7 +248,7 @@ def _two_processes(rank: int, ports: tuple[int, int], out: str, data: DataConfig
 def generated(tmp_path_factory) -> DataConfig:
     """6,000 generated rows in row groups of 400 (pieces the processes share out)."""
     out = tmp_path_factory.mktemp("generated")
-    sizes = (300, 300, 300, 300, 4000, 300, 300, 300, 300)
+    sizes = (300, 300, 300, 300, 4000, 300, 300, 300, 300, 300, 300)
     write_criteo_like(CriteoLikeConfig(n_rows=6000, cardinalities=sizes, seed=3), out,
                       progress=False)
     pq.write_table(pq.read_table(out / "data.parquet"), out / "groups.parquet",
@@ -313,6 +316,11 @@ def test_two_processes_train_every_scheme_like_one(two_processes, generated, tmp
     signatures = [name for name in states[0] if "signatures" in name]
     assert signatures
     for name in signatures:
+        assert torch.equal(states[0][name], states[1][name])
+    # The hybrid's head, from the counts every process added up, is one process's.
+    heads = [name for name in states[0] if "head_bits" in name]
+    assert heads
+    for name in heads:
         assert torch.equal(states[0][name], states[1][name])
 
     # The test predictions rank 0 gathered are every test row's, in order.

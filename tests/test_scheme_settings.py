@@ -54,7 +54,8 @@ def test_an_unknown_setting_is_an_error_naming_the_scheme_and_its_settings():
     with pytest.raises(ValueError, match="scheme 'robe' has no setting 'minhashes'"):
         EmbeddingConfig.from_dict({"default": {"scheme": "lma"},
                                    "tables": {"C1": {"scheme": "robe", "minhashes": 2}}})
-    with pytest.raises(ValueError, match="unknown scheme 'qrr'; choose one of full, hash, qr"):
+    with pytest.raises(ValueError,
+                       match="unknown scheme 'qrr'; choose one of full, hash, hybrid, qr"):
         settings_from_dict({"scheme": "qrr"})
 
 
@@ -109,7 +110,7 @@ def test_reading_the_settings_loads_no_torch():
             "print('torch' in sys.modules, len(SETTINGS))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    assert result.stdout.split() == ["False", "9"]
+    assert result.stdout.split() == ["False", "11"]
 
 
 def test_lma_settings_shared_by_a_memory_must_agree():

@@ -61,6 +61,19 @@ class HashSettings(SchemeSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HybridSettings(SchemeSettings):
+    """Frequency-aware hybrid: ``ceil(rows / compression)`` rows, of which ``head`` are full
+    rows for the ids counted most often in training and the rest a quotient-remainder table for
+    the other ids (``embeddings/hybrid.py``). ``head`` None (the default): training searches the
+    split on the training counts and records it here, so a checkpoint rebuilds its tables. A
+    table never gets fewer rows than a head row and the smallest tail (about ``2 sqrt(n)``)."""
+
+    scheme: ClassVar[str] = "hybrid"
+    compression: float = 4.0
+    head: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class QRSettings(SchemeSettings):
     """Quotient-remainder: ``collisions`` ids per quotient row, the two rows combined by
     ``operation`` (``mult``, ``add`` or ``concat``)."""
@@ -151,11 +164,39 @@ class RobeSettings(SharedMemorySettings):
     block: int = 4
 
 
+@dataclass(frozen=True, kw_only=True)
+class CCESettings(SchemeSettings):
+    """Clustered compositional embeddings (``embeddings/cce.py``): ``ceil(rows / compression)``
+    rows (k) in each of two parts, each vector in ``chunks`` chunks (the width must be a
+    multiple), re-clustered every ``recluster_every`` optimizer steps, at most ``reclusters``
+    times; ``seed`` seeds the pointers, hashes and k-means samples (None: the training seed,
+    as ``SharedMemorySettings.seed``).
+
+    The schedule suits trainings of 140 to 500 steps: the first round at step 50, when training
+    has moved the vectors away from their random start, so clusters group ids that behave
+    alike; the second at step 100, on vectors trained from the first clustering; and at least
+    40 steps after the last round for part 1 (restarted from the residuals under a new hash) to
+    settle. More rounds would leave the shortest trainings no steps to settle.
+    """
+
+    scheme: ClassVar[str] = "cce"
+    compression: float = 4.0
+    chunks: int = 1
+    recluster_every: int = 50
+    reclusters: int = 2
+    seed: int | None = None
+
+    @property
+    def hash_seed(self) -> int:
+        return 0 if self.seed is None else self.seed
+
+
 #: Every scheme's settings type, by scheme name.
 SETTINGS: dict[str, type[SchemeSettings]] = {
     settings.scheme: settings
-    for settings in (FullSettings, HashSettings, QRSettings, KPartSettings, PEPSettings,
-                     Int8Settings, FP16Settings, LMASettings, RobeSettings)
+    for settings in (FullSettings, HashSettings, HybridSettings, QRSettings, KPartSettings,
+                     PEPSettings, Int8Settings, FP16Settings, LMASettings, RobeSettings,
+                     CCESettings)
 }
 
 #: Checkpoints written before the settings were split by scheme hold one flat record per table
@@ -210,9 +251,10 @@ class EmbeddingConfig:
         }
 
     def with_seed(self, seed: int) -> EmbeddingConfig:
-        """The same configuration with shared-memory hashes left unseeded seeded by ``seed``."""
+        """The same configuration with shared-memory and CCE hashes left unseeded seeded by
+        ``seed``."""
         def seeded(settings: SchemeSettings) -> SchemeSettings:
-            if isinstance(settings, SharedMemorySettings) and settings.seed is None:
+            if isinstance(settings, SharedMemorySettings | CCESettings) and settings.seed is None:
                 return replace(settings, seed=seed)
             return settings
 
