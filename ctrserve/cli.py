@@ -102,7 +102,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the default scheme; a flag its scheme has no setting for is an "
                             "error")
     group.add_argument("--compression", type=float,
-                       help="hash: rows / buckets; lma, robe: full bytes / stored bytes")
+                       help="hash: rows / buckets; hybrid: rows / head and tail rows; cce: "
+                            "rows / rows a part; lma, robe: full bytes / stored bytes")
     group.add_argument("--collisions", type=int, help="qr: ids sharing a remainder row")
     group.add_argument("--partitions", type=int, help="kpart: number of partitions k")
     group.add_argument("--operation", choices=("mult", "add", "concat"))

@@ -36,7 +36,7 @@ if [[ $ONLY == all || $ONLY == generated ]]; then
   time "${BENCH[@]}" --name "generated (Criteo sizes / 2000)" --out docs/accuracy/generated \
     --cache runs/bench/generated/cells \
     --data runs/bench/generated/data.parquet --spec runs/bench/generated/spec.json \
-    --split random --dim 16 --bottom 64 --top 64 --epochs 1 --lr 0.003
+    --split random --dim 16 --bottom 64 --top 64 --epochs 1 --lr 0.003 --pep-keep 0.1
 fi
 
 # PEP at its premise, wide rows: the full model and PEP at 10% of the values, D = 32 and 64.
@@ -48,4 +48,12 @@ if [[ $ONLY == all || $ONLY == frappe-wide ]]; then
       --test-data $S/frappe/frappe.test.libfm --split random --dim $D --top 256,128 \
       --epochs 3 --pep-keep 0.1
   done
+fi
+
+# The same at D = 64 on the generated data (its D = 16 keep 0.1 is in the main run above).
+if [[ $ONLY == all || $ONLY == generated-wide ]]; then
+  time "${BENCH[@]}" --name "generated, PEP at D = 64" --out docs/accuracy/generated-d64 \
+    --cache runs/bench/generated-d64/cells --schemes full,pep-field-dim,pep-feature-dim \
+    --budgets '' --data runs/bench/generated/data.parquet --spec runs/bench/generated/spec.json \
+    --split random --dim 64 --bottom 64 --top 64 --epochs 1 --lr 0.003 --pep-keep 0.1
 fi
