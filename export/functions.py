@@ -134,12 +134,12 @@ def hybrid_gather() -> FunctionProto:
     below = body.op("GatherElements", before, position, axis=1)  # [N, 1]
     ranks = body.op("Cast", body.lookup("head_rank", block), to=TensorProto.INT64)
     rank = body.op("Add", ranks, body.op("Squeeze", below, body.const([1])))  # [N]
-    heads = _rows(body, "head_weight")
+    heads = _length(body, "head_weight")
     head_row = body.lookup("head_weight", body.op("Min", rank, body.op("Sub", heads,
                                                                       body.const(1))))
     number = body.op("Sub", "ids", rank)
-    collisions = _rows(body, "remainder")
-    last_quotient = body.op("Sub", _rows(body, "quotient"), body.const(1))
+    collisions = _length(body, "remainder")
+    last_quotient = body.op("Sub", _length(body, "quotient"), body.const(1))
     quotient = body.op("Min", body.op("Div", number, collisions), last_quotient)
     tail_row = body.op("Mul", body.lookup("remainder", body.op("Mod", number, collisions)),
                        body.lookup("quotient", quotient))
@@ -149,9 +149,9 @@ def hybrid_gather() -> FunctionProto:
     return _function("HybridGather", "default", ["ids", *HYBRID_TENSORS], body)
 
 
-def _rows(body: Body, tensor: str) -> str:
-    """The number of rows of a stored tensor, a scalar."""
-    return body.op("Gather", body.op("Shape", tensor), body.const(0), axis=0)
+def _length(body: Body, tensor: str, axis: int = 0) -> str:
+    """The length of a stored tensor along ``axis`` (its rows by default), a scalar."""
+    return body.op("Gather", body.op("Shape", tensor), body.const(axis), axis=0)
 
 
 def qr_gather(operation: str, partitions: int) -> FunctionProto:
@@ -242,8 +242,8 @@ def lma_gather() -> FunctionProto:
     the id's minhash ``j mod K``."""
     body = Body("l")
     signature = body.op("Cast", body.lookup("signatures", "ids"), to=TensorProto.INT64)  # [N, K]
-    dim = body.op("Gather", body.op("Shape", "coefficients"), body.const(0), axis=0)
-    minhashes = body.op("Gather", body.op("Shape", "signatures"), body.const(1), axis=0)
+    dim = _length(body, "coefficients")
+    minhashes = _length(body, "signatures", axis=1)
     which = body.op("Mod", _coordinates(body, dim), minhashes)
     minhash = body.op("Gather", signature, which, axis=1)  # [N, D]
     a = body.op("Gather", "coefficients", body.const(0), axis=1)
@@ -293,9 +293,8 @@ def cce_gather() -> FunctionProto:
     chunks are laid side by side. ``c`` and ``k`` come from the shapes of ``pointers`` and
     ``weight0`` (``[k * c, dim / c]``)."""
     body = Body("c")
-    chunks = body.op("Gather", body.op("Shape", "pointers"), body.const(1), axis=0)
-    rows = body.op("Div", body.op("Gather", body.op("Shape", "weight0"), body.const(0), axis=0),
-                   chunks)
+    chunks = _length(body, "pointers", axis=1)
+    rows = body.op("Div", _length(body, "weight0"), chunks)
     chunk = _coordinates(body, chunks)  # [c]
     pointers = body.op("Cast", body.lookup("pointers", "ids"), to=TensorProto.INT64)  # [N, c]
     hashed = body.op("Mod", _universal_hashes(body), rows)  # [N, c]

@@ -71,6 +71,17 @@ class ServiceProcess:
         self.stop()
 
 
+def wait_until(condition, what: str, timeout: float) -> None:
+    """Polls ``condition()`` every 0.1 s until it holds; fails naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def request_rows(rows_file: Path) -> list[dict]:
     """A file's rows as the scoring API takes them, labels dropped: missing values are sent as
     null in even rows and left out in odd ones."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ServiceProcess, request_rows
+from servers import ServiceProcess, request_rows, wait_until
 
 from ctrserve.export.exporter import export_checkpoint
 from ctrserve.export.package import PackageError, files_fingerprint, load_version
@@ -52,15 +52,6 @@ def _repository(server: ServiceProcess, name: str, action: str) -> httpx.Respons
 
 def _score(server: ServiceProcess, name: str, rows: list[dict]) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/models/{name}/score", json={"rows": rows}, timeout=60)
-
-
-def _wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def _full_log(server: ServiceProcess) -> str:
@@ -169,8 +160,9 @@ def test_a_server_waits_for_a_volume_filled_after_it_starts(trained, tmp_path):
         # A model that appears later is loaded by the next scan.
         _publish(trained["repo"] / "ctr", repo / "other", name="other")
         published = time.monotonic()
-        _wait_until(lambda: httpx.get(server.url + "/v2/models/other/ready",
-                                      timeout=10).status_code == 200, "other is loaded")
+        wait_until(lambda: httpx.get(server.url + "/v2/models/other/ready",
+                                     timeout=10).status_code == 200, "other is loaded",
+                   timeout=60)
         print(f"waiting server: ready {ready_s:.1f} s after the first package appeared, "
               f"the second model served {time.monotonic() - published:.1f} s after it did")
         assert _ready(server).status_code == 200
@@ -221,7 +213,7 @@ def test_a_copied_version_is_refused_once_and_loaded_when_fixed(trained, tmp_pat
         # `cp -r ctr/1 ctr/2`, done at once: a manifest saying version 1 in directory 2.
         _publish(repo / "ctr" / "1", repo / "ctr" / "2")
         refusal = ("model ctr: version 2 failed to load: ")
-        _wait_until(lambda: refusal in _full_log(server), "the copy is refused")
+        wait_until(lambda: refusal in _full_log(server), "the copy is refused", timeout=60)
         assert "the manifest says model 'ctr' version 1, the directory is model 'ctr' " \
                "version 2" in _full_log(server)
         time.sleep(10 * poll_s)  # ten more scans: none tries it again
@@ -241,8 +233,8 @@ def test_a_copied_version_is_refused_once_and_loaded_when_fixed(trained, tmp_pat
         export_checkpoint(trained["checkpoint"], repo, "ctr", version=2, overwrite=True,
                           log=lambda _: None)
         exported = time.monotonic()
-        _wait_until(lambda: _score(server, "ctr", rows).json()["version"] == 2,
-                    "version 2 takes over")
+        wait_until(lambda: _score(server, "ctr", rows).json()["version"] == 2,
+                   "version 2 takes over", timeout=60)
         print(f"fixed version 2 served {time.monotonic() - exported:.1f} s after its export")
         assert _full_log(server).count(refusal) == 1
         assert _load_failures(server, "ctr") == 1

@@ -25,7 +25,14 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from servers import HOST, ServiceProcess, free_port, request_rows, stop_group
+from servers import (
+    HOST,
+    ServiceProcess,
+    free_port,
+    request_rows,
+    stop_group,
+    wait_until,
+)
 from test_service import _SteadyLoad
 
 from ctrserve.export.package import MANIFEST, load_version
@@ -92,15 +99,6 @@ def _upload(client, bucket: str, prefix: str, package: Path, version: int,
     client.put_object(Bucket=bucket, Key=prefix + MANIFEST, Body=json.dumps(manifest).encode())
 
 
-def _wait_until(condition, what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def _index_row(server: ServiceProcess, name: str) -> dict:
     index = httpx.post(f"{server.url}/v2/repository/index", json={}, timeout=10).json()
     (row,) = [row for row in index if row["name"] == name]
@@ -128,19 +126,20 @@ def test_new_versions_serve_under_load_and_a_damaged_one_never_does(trained, s3,
     with (ServiceProcess(url, "--repo-cache", str(cache), "--poll-interval-s", "0.3",
                          env=s3.env, log_dir=tmp_path) as server,
           _SteadyLoad(server.url, body) as load):
-        _wait_until(lambda: all(load.versions_by_thread) and len(load.answers) > 20,
-                    "answers at version 1 on every client")
+        wait_until(lambda: all(load.versions_by_thread) and len(load.answers) > 20,
+                   "answers at version 1 on every client", timeout=90)
         _upload(s3.client, bucket, f"{prefix}/ctr/2/", package, 2)
         uploaded = time.monotonic()
-        _wait_until(lambda: load.answers[-1] == (200, 2), "version 2 served")
+        wait_until(lambda: load.answers[-1] == (200, 2), "version 2 served", timeout=90)
         print(f"version 2 served {time.monotonic() - uploaded:.1f} s after its upload "
               f"({len(load.answers)} answers so far)")
 
         _upload(s3.client, bucket, f"{prefix}/ctr/3/", package, 3, damaged=MODEL_FILE)
-        _wait_until(lambda: "version 3" in _index_row(server, "ctr")["reason"],
-                    "the damaged version reported")
+        wait_until(lambda: "version 3" in _index_row(server, "ctr")["reason"],
+                   "the damaged version reported", timeout=90)
         reported = len(load.answers)
-        _wait_until(lambda: len(load.answers) > reported + 20, "answers after the report")
+        wait_until(lambda: len(load.answers) > reported + 20, "answers after the report",
+                   timeout=90)
         row = _index_row(server, "ctr")
         failures = _load_failures(server)
         log = server.log_path.read_text()

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from servers import HOST, ServiceProcess, free_port, request_rows
+from servers import HOST, ServiceProcess, free_port, request_rows, wait_until
 from stack import (
     COMPOSE,
     DASHBOARD,
@@ -108,15 +108,6 @@ def demo_ranking(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo-ranking")
     build_rank_package(root, rows=8000, epochs=1)
     return root / "repo"
-
-
-def _wait_until(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_data(
@@ -220,9 +211,9 @@ def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_
         unloaded = httpx.post(lb + "/v2/repository/models/ctr/unload", timeout=60)
         assert unloaded.status_code == 200, unloaded.text
         for replica in replicas:
-            _wait_until(lambda url=replica.url: httpx.get(
+            wait_until(lambda url=replica.url: httpx.get(
                 url + "/v2/models/ctr/ready", timeout=5).status_code == 503,
-                "every replica unloads ctr")
+                "every replica unloads ctr", timeout=30)
             assert httpx.get(replica.url + "/v2/health/ready", timeout=5).status_code == 200
         refused = [httpx.post(lb + SCORE, json={"rows": rows[:2]}, timeout=30)
                    for _ in range(6)]
@@ -240,9 +231,9 @@ def test_native_stack_serves_through_the_balancer_and_every_dashboard_query_has_
         loaded = httpx.post(lb + "/v2/repository/models/ctr/load", timeout=60)
         assert loaded.status_code == 200, loaded.text
         for replica in replicas:
-            _wait_until(lambda url=replica.url: httpx.get(
+            wait_until(lambda url=replica.url: httpx.get(
                 url + "/v2/models/ctr/ready", timeout=5).status_code == 200,
-                "every replica loads ctr again")
+                "every replica loads ctr again", timeout=30)
 
         # A replica gone: scoring POSTs are retried on the other one (nginx's non_idempotent).
         replicas[1].stop()

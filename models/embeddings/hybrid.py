@@ -51,11 +51,10 @@ import torch
 from torch import nn
 
 from .base import Count, EmbeddingTable, sparse_table
-from .constants import FLOAT32_BYTES, INT64_BYTES
+from .constants import FLOAT32_BYTES, INT32_BYTES, index_bytes
 
 #: Ids per block of ``head_rank``.
 RANK_BLOCK = 64
-INT32_BYTES = 4
 
 
 #: The fewest rows a hybrid table has: a head row, a remainder row and a quotient row.
@@ -95,16 +94,11 @@ def tail_collisions(tail_ids: int | np.ndarray, tail_rows: int | np.ndarray) -> 
     return np.where(fits, guess, 0)
 
 
-def rank_bytes(rows: int) -> int:
-    """Bytes of one ``head_rank`` entry: int32 while every count fits, else int64."""
-    return INT32_BYTES if rows < 2**31 else INT64_BYTES
-
-
 def hybrid_bytes(rows: int, stored_rows: Count, dim: int) -> Count:
     """Bytes of a hybrid table of ``rows`` ids and ``stored_rows`` head and tail rows: the fp32
     rows, the head bits and the block ranks. ``stored_rows`` may be an array (the budget search
     evaluates many at once)."""
-    index = math.ceil(rows / 8) + math.ceil(rows / RANK_BLOCK) * rank_bytes(rows)
+    index = math.ceil(rows / 8) + math.ceil(rows / RANK_BLOCK) * index_bytes(rows)
     return stored_rows * dim * FLOAT32_BYTES + index
 
 
@@ -136,7 +130,7 @@ def head_map(rows: int, head_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     member[head_ids] = True
     bits = np.packbits(member, bitorder="little")
     below = np.concatenate([[0], np.cumsum(member)])[::RANK_BLOCK][:math.ceil(rows / RANK_BLOCK)]
-    dtype = np.int32 if rank_bytes(rows) == INT32_BYTES else np.int64
+    dtype = np.int32 if index_bytes(rows) == INT32_BYTES else np.int64
     return torch.from_numpy(bits), torch.from_numpy(below.astype(dtype))
 
 

@@ -94,7 +94,7 @@ import torch
 from torch import nn
 
 from .base import EmbeddingTable, sparse_table
-from .constants import FLOAT32_BYTES, INT64_BYTES
+from .constants import FLOAT32_BYTES, INT32_BYTES, INT64_BYTES, index_bytes
 from .scheme_settings import DEFAULT_THRESHOLD_INIT
 
 GRANULARITIES: tuple[str, ...] = (
@@ -102,7 +102,6 @@ GRANULARITIES: tuple[str, ...] = (
 )
 #: Granularities whose one threshold is meant to be shared by every PEP table of a model.
 SHARED_GRANULARITIES: tuple[str, ...] = ("global", "dimension")
-INT32_BYTES = 4
 #: Rows handled at a time when a whole table is scanned (masks, counts, packing).
 SCAN_ROWS = 1 << 16
 
@@ -139,14 +138,9 @@ def unpack_bits(bits: torch.Tensor, dim: int) -> torch.Tensor:
     return unpacked.reshape(bits.shape[0], bits.shape[1] * 8)[:, :dim].bool()
 
 
-def offset_bytes(nonzeros: int) -> int:
-    """Bytes of one offset: int32 while every offset (up to ``nonzeros``) fits, else int64."""
-    return INT32_BYTES if nonzeros < 2**31 else INT64_BYTES
-
-
 def packed_bytes(num_embeddings: int, dim: int, nonzeros: int) -> int:
     """Bytes of the serving layout: values, offsets, mask bits and the width."""
-    return (nonzeros * FLOAT32_BYTES + (num_embeddings + 1) * offset_bytes(nonzeros)
+    return (nonzeros * FLOAT32_BYTES + (num_embeddings + 1) * index_bytes(nonzeros)
             + num_embeddings * math.ceil(dim / 8) + INT64_BYTES)
 
 
@@ -286,7 +280,7 @@ def pack(table: PEPTable) -> dict[str, torch.Tensor]:
         counts.append(kept.sum(dim=1))
     row_counts = torch.cat(counts)
     nonzeros = int(row_counts.sum())
-    offset_type = torch.int32 if offset_bytes(nonzeros) == INT32_BYTES else torch.int64
+    offset_type = torch.int32 if index_bytes(nonzeros) == INT32_BYTES else torch.int64
     offsets = torch.zeros(table.num_embeddings + 1, dtype=torch.int64, device=row_counts.device)
     offsets[1:] = torch.cumsum(row_counts, dim=0)
     return {
